@@ -1,0 +1,32 @@
+# The README's two commands: `make serve` and `make test`. Each bootstraps .venv idempotently.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
+DEMO := .cache/tiny-demo
+
+.PHONY: venv test serve clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# torch 2.13.0 first: a local CPU wheel (any other torch downloads a multi-GB CUDA build).
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+venv: $(STAMP)
+
+test: venv
+	$(PY) -m pytest -q tests
+
+# Until the serving issue lands: a short generation on a tiny gpt-oss checkpoint written by make-tiny.
+serve: venv
+	@test -f $(DEMO)/config.json || $(VENV)/bin/epserve make-tiny $(DEMO) --seed 0
+	$(VENV)/bin/epserve generate $(DEMO) --prompts deploy/demo_prompts.jsonl --max-tokens 16
+
+clean:
+	rm -rf $(VENV) .cache

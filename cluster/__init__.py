@@ -1,0 +1,1 @@
+"""Ray actors: placement groups, expert-parallel workers, the expert router, the replica driver."""

@@ -1,0 +1,1 @@
+"""Ray Serve application, OpenAI protocol, harmony, gateway and the `epserve` command line."""

@@ -1,0 +1,1 @@
+"""Metric definitions, Prometheus rules and the Grafana dashboard; a leaf package anyone may import."""

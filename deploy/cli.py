@@ -5,6 +5,7 @@ User errors (a bad file, flag or value) print one line on stderr and exit with c
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 
@@ -26,12 +27,8 @@ def _dtype(name: str):
 
 def cmd_make_tiny(args) -> None:
     from model.tiny import TinySpec, write_tiny
-    spec = TinySpec(seed=args.seed, layers=args.layers, hidden=args.hidden, heads=args.heads,
-                    kv_heads=args.kv_heads, head_dim=args.head_dim, intermediate=args.intermediate,
-                    experts=args.experts, top_k=args.top_k, vocab=args.vocab, sliding_window=args.sliding_window,
-                    experts_format=args.experts_format, shards=args.shards)
-    out = write_tiny(args.out, spec)
-    print(out)
+    spec = TinySpec(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TinySpec)})
+    print(write_tiny(args.out, spec))
 
 
 def cmd_logits(args) -> None:
@@ -60,11 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("make-tiny", help="write a tiny random gpt-oss checkpoint in the exact HF + original layout")
     t.add_argument("out")
-    for flag, default in (("--seed", 0), ("--layers", 2), ("--hidden", 64), ("--heads", 4), ("--kv-heads", 2),
-                          ("--head-dim", 16), ("--intermediate", 64), ("--experts", 4), ("--top-k", 2),
-                          ("--vocab", 1024), ("--sliding-window", 8), ("--shards", 2)):
-        t.add_argument(flag, type=int, default=default)
-    t.add_argument("--experts-format", choices=("mxfp4", "bf16"), default="mxfp4")
+    from model.tiny import EXPERTS_FORMATS, TinySpec
+    for field in dataclasses.fields(TinySpec):               # flags map one to one onto TinySpec
+        flag = "--" + field.name.replace("_", "-")
+        if field.name == "experts_format":
+            t.add_argument(flag, choices=EXPERTS_FORMATS, default=field.default)
+        else:
+            t.add_argument(flag, type=int, default=field.default)
     t.set_defaults(func=cmd_make_tiny)
 
     g = sub.add_parser("logits", help="full-prefix forward; writes float32 logits [T, vocab] as .npy")

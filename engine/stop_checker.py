@@ -1,0 +1,66 @@
+"""Decides whether a sequence is finished after it sampled a token, and why.
+
+Owns the stop rules (stop ids, stop strings, max_tokens, max_model_len). It works in token ids; text
+is only produced through an injected `detokenize`, and only for requests with stop strings.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from engine.sequence import Sequence, SequenceStatus
+
+Detokenize = Callable[[list[int]], str]
+
+
+class StopChecker:
+    """Stop rules, checked in vLLM's order: stop token -> stop string -> length.
+
+    - A sampled id in `eos_token_ids` (unless params.ignore_eos) or in params.stop_token_ids finishes
+      the sequence as FINISHED_STOPPED. The id stays in output_token_ids (as in vLLM) and is recorded
+      in stop_reason, so the detokenizer/harmony parser can drop or keep it.
+    - A stop string found in detokenize(output ids) finishes as FINISHED_STOPPED; seq.output_text is the
+      text cut before the match (or after it with include_stop_str_in_output), stop_reason the string.
+      Token ids are not cut. The whole output is detokenized each step for such requests: O(output) per
+      step, fine for the short stop-string requests this serves.
+    - max_tokens output tokens, or max_model_len tokens in all, finish as FINISHED_LENGTH.
+    """
+
+    def __init__(self, max_model_len: int, eos_token_ids: Iterable[int] = (),
+                 detokenize: Detokenize | None = None) -> None:
+        self.max_model_len = max_model_len
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.detokenize = detokenize
+
+    def validate(self, seq: Sequence) -> None:
+        """Reject at admission what the rules cannot serve."""
+        if seq.params.stop and self.detokenize is None:
+            raise ValueError(f"request {seq.request_id!r} has stop strings {list(seq.params.stop)} but the "
+                             "engine has no detokenizer; pass detokenize= to StopChecker or use stop_token_ids")
+
+    def check(self, seq: Sequence) -> bool:
+        """Call after seq sampled a token; marks it finished (status, stop_reason) and returns True if so."""
+        params, token_id = seq.params, seq.last_token_id
+        if (token_id in self.eos_token_ids and not params.ignore_eos) or token_id in params.stop_token_ids:
+            seq.finish(SequenceStatus.FINISHED_STOPPED, stop_reason=token_id)
+            return True
+        if params.stop and self._check_stop_strings(seq):
+            return True
+        if seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+            seq.finish(SequenceStatus.FINISHED_LENGTH)
+            return True
+        return False
+
+    def _check_stop_strings(self, seq: Sequence) -> bool:
+        assert self.detokenize is not None, "validate() rejects stop strings without a detokenizer"
+        text = self.detokenize(seq.output_token_ids)
+        seq.output_text = text
+        # The earliest match wins, whichever stop string it is.
+        matches = [(text.find(stop), stop) for stop in seq.params.stop]
+        matches = [(index, stop) for index, stop in matches if index >= 0]
+        if not matches:
+            return False
+        index, stop = min(matches)
+        end = index + len(stop) if seq.params.include_stop_str_in_output else index
+        seq.output_text = text[:end]
+        seq.finish(SequenceStatus.FINISHED_STOPPED, stop_reason=stop)
+        return True

@@ -17,22 +17,22 @@ from model.layers import apply_rotary
 
 def sink_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor,
                    allowed: torch.Tensor, sm_scale: float) -> torch.Tensor:
-    """q [T, n, D], k/v [S, k, D], sinks [n], allowed [T, S] bool -> o [T, n, D] in q's dtype.
+    """q [..., T, n, D], k/v [..., S, k, D], sinks [n], allowed [..., T, S] bool -> o [..., T, n, D] in q's dtype.
 
     Each row's softmax runs over its allowed keys plus one sink logit per head (not scaled by sm_scale, no value
     vector), so the weights sum to less than 1 (gpt-oss-spec.md §2.3). Query head h reads KV head h // g.
-    Scores and softmax are computed in fp32.
+    Scores and softmax are computed in fp32. Leading dims (...) are a batch of independent sequences.
     """
-    T, n, D = q.shape
-    kv_heads = k.shape[1]
+    *batch, T, n, D = q.shape
+    kv_heads = k.shape[-2]
     g = n // kv_heads
-    qg = q.float().view(T, kv_heads, g, D)
-    scores = torch.einsum("tkgd,skd->kgts", qg, k.float()) * sm_scale                    # [k, g, T, S]
-    scores = scores.masked_fill(~allowed, float("-inf"))
-    sink = sinks.float().view(kv_heads, g, 1, 1).expand(kv_heads, g, T, 1)                # [k, g, T, 1]
-    probs = torch.softmax(torch.cat((scores, sink), dim=-1), dim=-1)[..., :-1]            # [k, g, T, S]
-    o = torch.einsum("kgts,skd->tkgd", probs, v.float())                                   # [T, k, g, D]
-    return o.reshape(T, n, D).to(q.dtype)
+    qg = q.float().view(*batch, T, kv_heads, g, D)
+    scores = torch.einsum("...tkgd,...skd->...kgts", qg, k.float()) * sm_scale             # [..., k, g, T, S]
+    scores = scores.masked_fill(~allowed[..., None, None, :, :], float("-inf"))
+    sink = sinks.float().view(kv_heads, g, 1, 1).expand(*scores.shape[:-1], 1)            # [..., k, g, T, 1]
+    probs = torch.softmax(torch.cat((scores, sink), dim=-1), dim=-1)[..., :-1]            # [..., k, g, T, S]
+    o = torch.einsum("...kgts,...skd->...tkgd", probs, v.float())                          # [..., T, k, g, D]
+    return o.reshape(*batch, T, n, D).to(q.dtype)
 
 
 def window_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:

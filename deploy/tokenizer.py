@@ -1,0 +1,45 @@
+"""Tokenizer: the model directory's tokenizer.json (HF `tokenizers`), with harmony's special tokens by name.
+
+Never hard-codes a token id: `<|return|>`, `<|call|>` ... are looked up in the file, so the real o200k_harmony
+tokenizer.json and the project's tiny ones work the same way.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from model.errors import UserError
+
+# Harmony ends an assistant turn with <|return|> (final answer) or <|call|> (tool call); never stop on <|end|>,
+# which separates the analysis message from the final one (gpt-oss-spec.md §4.2).
+HARMONY_STOP_TOKENS = ("<|return|>", "<|call|>")
+
+
+class Tokenizer:
+    def __init__(self, path: str | Path):
+        from tokenizers import Tokenizer as HFTokenizer
+        try:
+            self._tok = HFTokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises a bare Exception subclass for unreadable files
+            raise UserError(f"{path}: not a readable tokenizer.json ({e})") from None
+        self.path = Path(path)
+
+    @classmethod
+    def from_model_dir(cls, model_dir: str | Path) -> "Tokenizer | None":
+        path = Path(model_dir) / "tokenizer.json"
+        return cls(path) if path.is_file() else None
+
+    def encode(self, text: str) -> list[int]:
+        """Text -> ids; special tokens written in the text (`<|start|>` ...) become their single ids."""
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def token_id(self, name: str) -> int:
+        token_id = self._tok.token_to_id(name)
+        if token_id is None:
+            raise UserError(f"{self.path}: has no token {name!r}")
+        return token_id
+
+    def harmony_stop_ids(self) -> tuple[int, ...]:
+        return tuple(self.token_id(name) for name in HARMONY_STOP_TOKENS)

@@ -1,0 +1,61 @@
+"""ModelRunner: turns a ScheduledBatch into one forward pass over the paged KV cache and returns logits.
+
+Owns the KV cache tensors; never decides what runs (Scheduler) nor samples (Sampler).
+Legend: T=step tokens, R=sampling rows, V=vocab.
+"""
+from __future__ import annotations
+
+import torch
+
+from engine import config as engine_config
+from engine.config import CacheConfig, max_blocks_spanned
+from engine.scheduled_batch import ScheduledBatch
+from model import paged_attention
+from model.config import ModelConfig
+from model.paged_attention import PagedKVCache, PagedMetadata, SeqSpan
+from model.transformer import GptOssForCausalLM
+
+assert (engine_config.FULL, engine_config.SLIDING) == (paged_attention.FULL, paged_attention.SLIDING)
+
+
+def plan_cache(config: ModelConfig, kv_cache_bytes: int, block_size: int, max_num_seqs: int,
+               max_chunk_tokens: int, dtype: torch.dtype, enable_prefix_caching: bool = False) -> CacheConfig:
+    """Split a KV memory budget into the two pools: the sliding pool gets what the window can need (every
+    running sequence's last W positions plus one chunk with the W-1 keys before it), the full pool the rest."""
+    has_sliding = any(config.is_sliding(i) for i in range(config.num_hidden_layers))
+    sliding = 0
+    if has_sliding:
+        W = config.sliding_window
+        sliding = (max_num_seqs * max_blocks_spanned(W, block_size)
+                   + max_blocks_spanned(W - 1 + max_chunk_tokens, block_size))
+    left = kv_cache_bytes - sliding * PagedKVCache.bytes_per_block(config, block_size, dtype, paged_attention.SLIDING)
+    per_full = PagedKVCache.bytes_per_block(config, block_size, dtype, paged_attention.FULL)
+    num_full = left // per_full if per_full else max_num_seqs
+    if num_full < 1:
+        raise ValueError(f"kv_cache_bytes={kv_cache_bytes} cannot hold the sliding-window pool "
+                         f"({sliding} blocks) and any full-attention block; give the KV cache more memory")
+    return CacheConfig(num_full_blocks=int(num_full), num_sliding_blocks=sliding, block_size=block_size,
+                       sliding_window=config.sliding_window if has_sliding else None,
+                       enable_prefix_caching=enable_prefix_caching)
+
+
+class ModelRunner:
+    def __init__(self, model: GptOssForCausalLM, cache_config: CacheConfig, device: torch.device | str):
+        self.model = model
+        self.device = torch.device(device)
+        self.kv_cache = PagedKVCache(model.config, {g: cache_config.num_blocks(g) for g in cache_config.groups},
+                                     cache_config.block_size, model.dtype, self.device)
+
+    @torch.no_grad()
+    def run(self, batch: ScheduledBatch) -> torch.Tensor:
+        """Forward the batch; logits [R, V] fp32 of the sampling rows' last tokens, in row order."""
+        spans = [SeqSpan(s.start_position, s.num_tokens, s.block_tables) for s in batch.seqs]
+        metadata = PagedMetadata(self.kv_cache, spans, self.device)
+        input_ids = torch.tensor(batch.input_ids(), device=self.device)                    # [T]
+        hidden = self.model(input_ids, metadata.positions, metadata)                        # [T, H]
+        last, rows = 0, []
+        for s in batch.seqs:
+            last += s.num_tokens
+            if s.samples:
+                rows.append(last - 1)
+        return self.model.compute_logits(hidden[torch.tensor(rows, dtype=torch.long, device=self.device)])  # [R, V]

@@ -1,0 +1,19 @@
+"""TokenOutput: what the engine hands back per sequence per step (the contract replica -> gateway)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class TokenOutput:
+    request_id: str
+    index: int                                    # which of the request's n completions
+    new_token_ids: list[int]                      # generated this step (one token per step today)
+    output_token_ids: list[int]                   # all generated so far
+    num_prompt_tokens: int
+    finished: bool = False
+    finish_reason: str | None = None              # "stop" | "length" | "abort" once finished
+    stop_reason: int | str | None = None          # the stop token id or stop string that matched
+    output_text: str | None = None                # set when a stop string cut the text (StopChecker)
+    logprobs: list[float] = field(default_factory=list)                 # one per new token, when asked
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)

@@ -1,0 +1,65 @@
+"""AppArgs: the arguments of the Serve application, one schema for `epserve serve` flags, `serve run
+deploy/serve_config.yaml` args and the Helm chart's serveConfigV2 (values camelCase, args snake_case, same names).
+
+Pydantic lives here, at the edge (STYLE.md); the engine and cluster receive plain frozen dataclasses built from it.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+DEMO_MODEL = "demo"  # `model: demo` (the default) serves the bundled demo checkpoint
+
+
+class AutoscalingArgs(BaseModel):
+    """Serve autoscaling of ModelServer replicas (each replica is one EP group)."""
+    model_config = ConfigDict(extra="forbid")
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(4, ge=1)
+    target_ongoing_requests: float = Field(16, gt=0)
+
+    @model_validator(mode="after")
+    def _bounds(self):
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"autoscaling: min_replicas ({self.min_replicas}) exceeds max_replicas "
+                             f"({self.max_replicas})")
+        return self
+
+
+class AppArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    # -- model --
+    model: str = Field(DEMO_MODEL, description="checkpoint directory, or 'demo' for the bundled demo model")
+    served_model_name: str | None = Field(None, description="id in /v1/models (default: the directory name)")
+    device: Literal["cpu", "cuda"] = "cpu"
+    dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="auto: bfloat16 on cuda, float32 on cpu")
+    # -- expert parallelism (one EP group per replica) --
+    ep_size: int = Field(2, ge=1, description="ranks (GPUs) per replica; experts are sharded across them")
+    redundant_experts: int = Field(0, ge=0, description="extra physical expert slots per layer for hot experts")
+    placement_strategy: Literal["PACK", "SPREAD"] = "PACK"
+    collective_timeout_s: float = Field(60.0, gt=0, description="a dead or stuck rank fails the step after this")
+    rebalance_interval_steps: int = Field(1000, ge=0, description="EPLB period in engine steps; 0 disables")
+    # -- replicas --
+    num_replicas: int = Field(1, ge=0)
+    autoscaling: AutoscalingArgs | None = None
+    # -- engine --
+    max_model_len: int = Field(4096, ge=2)
+    max_num_seqs: int = Field(64, ge=1)
+    max_num_batched_tokens: int = Field(512, ge=1)
+    kv_cache_bytes: int = Field(256 << 20, ge=1)
+    enable_prefix_caching: bool = False
+    # -- gateway --
+    max_ongoing_requests: int = Field(64, ge=1, description="requests in flight per replica")
+    max_queued_requests: int = Field(128, ge=0, description="per-replica queue; beyond it: 429 + Retry-After")
+    max_request_bytes: int = Field(1 << 20, ge=1024)
+    api_keys: list[str] = Field(default_factory=list, description="accepted Bearer keys; empty: no auth")
+    api_keys_env: str | None = Field(None, description="env var with comma-separated keys (a k8s Secret)")
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_num_seqs "
+                             f"({self.max_num_seqs})")
+        return self

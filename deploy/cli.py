@@ -51,98 +51,23 @@ def cmd_logits(args) -> None:
     print(f"{args.out}: float32 logits {list(logits.shape)}")
 
 
-def _read_prompts(path: str, tokenizer) -> list[list[int]]:
-    """Each JSONL line has "prompt_ids" (ints) or "prompt" (text, needs the model's tokenizer.json)."""
-    import json
-    prompts = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            if isinstance(item, dict) and isinstance(item.get("prompt_ids"), list) and item["prompt_ids"] \
-                    and all(isinstance(t, int) for t in item["prompt_ids"]):
-                prompts.append(item["prompt_ids"])
-            elif isinstance(item, dict) and isinstance(item.get("prompt"), str) and item["prompt"]:
-                if tokenizer is None:
-                    raise UserError(f"{path}:{n}: a text \"prompt\" needs tokenizer.json in the model directory; "
-                                    "give \"prompt_ids\" instead")
-                prompts.append(tokenizer.encode(item["prompt"]))
-            else:
-                raise UserError(f"{path}:{n}: expected an object with \"prompt_ids\" (non-empty list of ints) "
-                                "or \"prompt\" (non-empty text)")
-    if not prompts:
-        raise UserError(f"{path}: no prompts")
-    return prompts
-
-
-def _stop_ids(model_dir, tokenizer) -> set[int]:
-    """End-of-sequence ids: generation_config.json's eos list plus harmony's <|return|>/<|call|> by name."""
-    import json
-    from pathlib import Path
-    ids: set[int] = set()
-    gen = Path(model_dir) / "generation_config.json"
-    if gen.is_file():
-        eos = json.loads(gen.read_text()).get("eos_token_id")
-        ids.update(eos if isinstance(eos, list) else [] if eos is None else [eos])
-    if tokenizer is not None:
-        ids.update(tokenizer.harmony_stop_ids())
-    return ids
-
-
 def cmd_generate(args) -> None:
-    import json
-    import time
-    from deploy.tokenizer import Tokenizer
-    from engine.engine import EngineConfig, LLMEngine
-    from engine.sampling_params import SamplingParams
-    from model.loader import load_model
-    tokenizer = Tokenizer.from_model_dir(args.model_dir)
-    prompts = _read_prompts(args.prompts, tokenizer)
-    try:
-        params = SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-                                max_tokens=args.max_tokens)
-    except ValueError as e:
-        raise UserError(str(e)) from None
-    model = load_model(args.model_dir, dtype=_dtype(args.dtype), device=args.device)
-    vocab = model.config.vocab_size
-    for n, p in enumerate(prompts, 1):
-        if not all(0 <= t < vocab for t in p):
-            raise UserError(f"{args.prompts}: prompt {n} has a token id outside [0, {vocab})")
-    engine = LLMEngine(model, EngineConfig(max_num_seqs=args.max_num_seqs),
-                       eos_token_ids=_stop_ids(args.model_dir, tokenizer))
-    ids = [f"p{i}" for i in range(len(prompts))]
-    for rid, p in zip(ids, prompts):
-        try:
-            engine.add_request(rid, p, params)
-        except ValueError as e:
-            raise UserError(str(e)) from None
-    final, tokens = {}, 0
-    start = last_report = time.monotonic()
-    while engine.has_unfinished():
-        for out in engine.step():
-            tokens += len(out.new_token_ids)
-            if out.finished:
-                final[out.request_id] = out
-        if time.monotonic() - last_report > 5:
-            last_report = time.monotonic()
-            logging.getLogger("epserve.generate").info("%d/%d prompts done, %.1f tokens/s", len(final),
-                                                       len(prompts), tokens / (last_report - start))
-    lines = []
-    for i, rid in enumerate(ids):
-        out = final[rid]
-        line = {"index": i, "output_ids": out.output_token_ids, "finish_reason": out.finish_reason}
-        if tokenizer is not None:
-            line["text"] = tokenizer.decode(out.output_token_ids)
-        lines.append(json.dumps(line) + "\n")
-    if args.out:
-        with open(args.out, "w") as f:
-            f.writelines(lines)
-    else:
-        sys.stdout.writelines(lines)
+    from deploy import batch_generate
+    batch_generate.run(args)
+
+
+def cmd_serve(args) -> None:
+    from deploy import server
+    server.run(args)
+
+
+def cmd_train_demo(args) -> None:
+    from deploy.demo_trainer import TrainConfig, train
+    report = train(args.out, TrainConfig(seed=args.seed, steps=args.steps))
+    log = logging.getLogger("epserve.train_demo")
+    for name in ("fp32", "fp32_mxfp4_experts", "checkpoint"):
+        log.info("greedy accuracy (%s): %.1f%% %s", name, 100 * report[name][0], report[name][1])
+    print(args.out)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -179,7 +104,20 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", default="cpu")
     r.add_argument("--max-num-seqs", type=int, default=64)
     r.add_argument("--out", default=None, help="output JSONL (default: stdout), lines in input order")
+    r.add_argument("--ep-size", type=int, default=0, help="expert-parallel ranks on a local Ray cluster (0: none)")
+    r.add_argument("--redundant-experts", type=int, default=0, help="extra expert slots per layer (with --ep-size)")
     r.set_defaults(func=cmd_generate)
+
+    d = sub.add_parser("train-demo", help="train the demo checkpoint on CPU (minutes) and write it in the HF layout")
+    d.add_argument("--out", default="deploy/demo_model", help="new or empty directory (default: deploy/demo_model)")
+    d.add_argument("--steps", type=int, default=1500)
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(func=cmd_train_demo)
+
+    from deploy import server
+    v = sub.add_parser("serve", help="serve the OpenAI API with expert-parallel replicas on a local Ray cluster")
+    server.add_arguments(v)
+    v.set_defaults(func=cmd_serve)
     return p
 
 

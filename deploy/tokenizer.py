@@ -5,6 +5,7 @@ tokenizer.json and the project's tiny ones work the same way.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from model.errors import UserError
@@ -43,3 +44,16 @@ class Tokenizer:
 
     def harmony_stop_ids(self) -> tuple[int, ...]:
         return tuple(self.token_id(name) for name in HARMONY_STOP_TOKENS)
+
+
+def model_stop_ids(model_dir: str | Path, tokenizer: Tokenizer | None) -> tuple[int, ...]:
+    """End-of-sequence ids of a model directory: generation_config.json's eos list, plus harmony's
+    <|return|>/<|call|> resolved by name when a tokenizer exists."""
+    ids: list[int] = []
+    gen = Path(model_dir) / "generation_config.json"
+    if gen.is_file():
+        eos = json.loads(gen.read_text()).get("eos_token_id")
+        ids += eos if isinstance(eos, list) else [] if eos is None else [eos]
+    if tokenizer is not None:
+        ids += tokenizer.harmony_stop_ids()
+    return tuple(dict.fromkeys(ids))

@@ -74,10 +74,12 @@ class LLMEngine:
             self.scheduler.add(seq)
             self._index[seq.seq_id] = i
 
-    def abort(self, request_id: str) -> None:
-        """Finish every sequence of the request and free all its KV blocks now."""
-        for seq in self.scheduler.abort(request_id):
-            self._emit(self._output(seq, []))
+    def abort(self, request_id: str) -> list[TokenOutput]:
+        """Finish every sequence of the request and free all its KV blocks now; returns their final outputs."""
+        outputs = [self._output(seq, []) for seq in self.scheduler.abort(request_id)]
+        for out in outputs:
+            self._emit(out)
+        return outputs
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()

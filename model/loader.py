@@ -10,26 +10,35 @@ import torch
 
 from model.checkpoint import Checkpoint
 from model.moe import LocalExperts
-from model.transformer import GptOssForCausalLM
+from model.transformer import ExpertFactory, GptOssForCausalLM
 
 
 def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-               expert_range: tuple[int, int] | None = None) -> GptOssForCausalLM:
-    """All dense weights plus experts [lo, hi) of every layer (default: all), in `dtype` on `device`.
+               expert_range: tuple[int, int] | None = None,
+               experts: ExpertFactory | None = None) -> GptOssForCausalLM:
+    """All dense weights plus each layer's experts, in `dtype` on `device`. RMSNorm weights stay fp32 (spec §2.1).
 
-    RMSNorm weights stay fp32 whatever `dtype` is (spec §2.1).
+    Experts: [lo, hi) of every layer as LocalExperts (default: all), or any backend built by `experts(layer)`
+    that fills itself through `load_from(checkpoint, dtype)` (e.g. an expert-parallel rank's slots).
     """
     ckpt = Checkpoint(model_dir)
     cfg = ckpt.config
-    lo, hi = expert_range or (0, cfg.num_local_experts)
+    if experts is None:
+        lo, hi = expert_range or (0, cfg.num_local_experts)
+        experts = lambda _: LocalExperts(cfg, dtype, hi - lo, lo)      # noqa: E731
     with torch.device("meta"):
-        model = GptOssForCausalLM(cfg, dtype, experts=lambda _: LocalExperts(cfg, dtype, hi - lo, lo))
+        model = GptOssForCausalLM(cfg, dtype, experts=experts)
     model.to_empty(device=device)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if ".mlp.experts." not in name:
                 param.copy_(ckpt.tensor(name))
         for i, layer in enumerate(model.model.layers):
-            for key, value in ckpt.experts(i, lo, hi, dtype).items():
-                getattr(layer.mlp.experts, key).copy_(value)
+            backend = layer.mlp.experts
+            if hasattr(backend, "load_from"):
+                backend.load_from(ckpt, dtype)
+            else:
+                lo = backend.first_expert
+                for key, value in ckpt.experts(i, lo, lo + backend.num_experts, dtype).items():
+                    getattr(backend, key).copy_(value)
     return model.eval().requires_grad_(False)

@@ -1,0 +1,118 @@
+"""EPExperts: the expert backend of one expert-parallel rank (the seam in model/moe.py).
+
+Per MoE layer and step: choose a physical replica per (token, expert) from the placement -> all-to-all dispatch
+with uneven splits -> grouped expert MLP over this rank's slots -> all-to-all combine -> weighted sum at the
+source. A rank with no tokens still joins both collectives. Knows nothing of Ray; the placement is given.
+Legend: T=tokens on this rank, K=top-k, P=T*K pairs, R=pairs received, S=slots per rank, H=hidden, I=intermediate.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+
+from model.config import ModelConfig
+from model.moe import swiglu
+
+
+class EPStats:
+    """Shared by every layer of a rank: token counts per (layer, logical expert) and all-to-all time."""
+
+    def __init__(self, num_layers: int, num_experts: int, device: torch.device | str):
+        self.counts = torch.zeros(num_layers, num_experts, dtype=torch.long, device=device)  # [L, E]
+        self.all_to_all_s = 0.0
+
+    def take(self) -> tuple[torch.Tensor, float]:
+        counts, seconds = self.counts.clone(), self.all_to_all_s
+        self.counts.zero_()
+        self.all_to_all_s = 0.0
+        return counts, seconds
+
+
+class EPExperts(nn.Module):
+    """This rank's S expert slots of one layer, same parameter names and layout as LocalExperts:
+    gate_up_proj [S, H, 2I], gate_up_proj_bias [S, 2I], down_proj [S, I, H], down_proj_bias [S, H]."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int, rank: int, ep_size: int, placement, stats: EPStats,
+                 dtype: torch.dtype, group=None):
+        super().__init__()
+        S = placement.slots_per_rank
+        H, I = config.hidden_size, config.intermediate_size
+        self.layer_idx, self.rank, self.ep_size, self.group = layer_idx, rank, ep_size, group
+        self.placement, self.stats = placement, stats
+        self.alpha, self.limit = config.swiglu_alpha, config.swiglu_limit
+        self.gate_up_proj = nn.Parameter(torch.empty(S, H, 2 * I, dtype=dtype))
+        self.gate_up_proj_bias = nn.Parameter(torch.empty(S, 2 * I, dtype=dtype))
+        self.down_proj = nn.Parameter(torch.empty(S, I, H, dtype=dtype))
+        self.down_proj_bias = nn.Parameter(torch.empty(S, H, dtype=dtype))
+
+    @property
+    def num_slots(self) -> int:
+        return self.gate_up_proj.shape[0]
+
+    def slot_experts(self) -> list[int]:
+        """Logical expert held by each local slot under the current placement."""
+        return self.placement.experts_of_rank(self.layer_idx, self.rank)
+
+    @torch.no_grad()
+    def load_from(self, checkpoint, dtype: torch.dtype, slots: list[int] | None = None) -> None:
+        """Read the experts of `slots` (default: all local slots) from the checkpoint, one expert at a time."""
+        experts = self.slot_experts()
+        for s in range(self.num_slots) if slots is None else slots:
+            e = experts[s]
+            for key, value in checkpoint.experts(self.layer_idx, e, e + 1, dtype).items():
+                getattr(self, key)[s].copy_(value[0])
+
+    def forward(self, t: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        T, K = expert_ids.shape
+        S, device = self.num_slots, t.device
+        self.stats.counts[self.layer_idx] += torch.bincount(expert_ids.flatten(), minlength=self.stats.counts.shape[1])
+        key = torch.arange(T, device=device) + self.rank                                 # spreads replicas
+        slots = self.placement.choose_slots(self.layer_idx, expert_ids, key)             # [T, K] physical
+        dest = (slots // S).flatten()                                                    # [P] rank of each pair
+        order = torch.argsort(dest, stable=True)                                         # [P] pairs by rank
+        send_counts = torch.bincount(dest, minlength=self.ep_size)                       # [ep]
+        recv_counts = self._exchange_counts(send_counts)
+        send, recv = send_counts.tolist(), recv_counts.tolist()
+        x = t[order // K]                                                                # [P, H]
+        local_slot = (slots.flatten()[order] % S)                                        # [P]
+        start = time.perf_counter()
+        recv_x = self._all_to_all(x, recv, send)                                         # [R, H]
+        recv_slot = self._all_to_all(local_slot, recv, send)                             # [R]
+        y = self._grouped_mlp(recv_x, recv_slot)                                         # [R, H]
+        back = self._all_to_all(y, send, recv)                                           # [P, H] in `order`
+        self.stats.all_to_all_s += time.perf_counter() - start
+        pair_out = torch.empty_like(back)
+        pair_out[order] = back                                                           # [P, H] pair order
+        pair_out = pair_out.view(T, K, t.shape[1]).float()
+        out = (pair_out * weights.float()[:, :, None]).sum(dim=1)                         # [T, H]
+        return out.to(t.dtype)
+
+    def _grouped_mlp(self, x: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+        """x [R, H] rows for local slots `slot` [R] -> expert outputs [R, H] (no routing weight)."""
+        out = torch.empty_like(x)
+        order = torch.argsort(slot, stable=True)
+        counts = torch.bincount(slot, minlength=self.num_slots).tolist()
+        start = 0
+        for s, n in enumerate(counts):
+            if n:
+                rows = order[start:start + n]
+                h = swiglu(x[rows] @ self.gate_up_proj[s] + self.gate_up_proj_bias[s], self.alpha, self.limit)
+                out[rows] = h @ self.down_proj[s] + self.down_proj_bias[s]
+                start += n
+        return out
+
+    def _exchange_counts(self, send_counts: torch.Tensor) -> torch.Tensor:
+        recv = torch.empty_like(send_counts)
+        self._collective(recv, send_counts, None, None)
+        return recv
+
+    def _all_to_all(self, x: torch.Tensor, recv: list[int], send: list[int]) -> torch.Tensor:
+        out = x.new_empty((sum(recv),) + tuple(x.shape[1:]))
+        self._collective(out, x.contiguous(), recv, send)
+        return out
+
+    def _collective(self, out, x, recv, send) -> None:
+        import deepspeed.comm as dist
+        dist.all_to_all_single(out, x, output_split_sizes=recv, input_split_sizes=send, group=self.group)

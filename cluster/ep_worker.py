@@ -1,0 +1,124 @@
+"""EPWorker: one expert-parallel rank (one GPU, or one process on CPU), run as a Ray actor by EPGroup.
+
+Owns a full LLMEngine for the sequences assigned to this rank (data-parallel attention, its own KV cache) whose
+MoE layers are EPExperts over the group's process group. Every rank runs exactly one forward per step; a rank
+with nothing scheduled runs an empty one so that it still joins every collective (lockstep).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+
+import torch
+
+from cluster.ep_experts import EPExperts, EPStats
+from cluster.process_group import destroy_ep_group, free_port, init_ep_group
+from engine.engine import EngineConfig, LLMEngine
+from engine.sampling_params import SamplingParams
+from engine.token_output import TokenOutput
+from model.checkpoint import Checkpoint
+from model.config import ModelConfig
+from model.loader import load_model
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepResult:
+    """What one rank reports after a step (small and picklable)."""
+    rank: int
+    outputs: list[TokenOutput]
+    expert_counts: torch.Tensor          # [L, E] tokens routed per logical expert by this rank's tokens
+    all_to_all_s: float                  # time inside dispatch/combine collectives this step
+    step_s: float
+    num_running: int
+    num_waiting: int
+    kv_usage: float
+    num_preemptions: int
+
+
+class EPWorker:
+    def __init__(self, rank: int, ep_size: int, model_dir: str, engine_config: EngineConfig,
+                 dtype: str = "float32", device: str = "cpu", eos_token_ids: tuple[int, ...] = ()):
+        self.rank, self.ep_size, self.model_dir = rank, ep_size, model_dir
+        self.engine_config, self.eos_token_ids = engine_config, eos_token_ids
+        self.dtype = getattr(torch, dtype)
+        self.device = torch.device(device if device == "cpu" else f"cuda:{torch.cuda.current_device()}")
+        self.engine: LLMEngine | None = None
+
+    def rendezvous_address(self) -> tuple[str, int]:
+        """Rank 0's node address and a free port on it: the group's rendezvous (never an assumed localhost)."""
+        import ray
+        host = ray.util.get_node_ip_address()
+        return host, free_port(host)
+
+    def setup(self, master_addr: str, master_port: int, placement, timeout_s: float) -> None:
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        init_ep_group(self.rank, self.ep_size, master_addr, master_port, backend, timeout_s)
+        config = ModelConfig.from_dir(self.model_dir)
+        self.stats = EPStats(config.num_hidden_layers, config.num_local_experts, self.device)
+        self.placement = placement.to(self.device)
+        model = load_model(self.model_dir, self.dtype, self.device, experts=lambda i: EPExperts(
+            config, i, self.rank, self.ep_size, self.placement, self.stats, self.dtype))
+        self.experts = [layer.mlp.experts for layer in model.model.layers]
+        self.engine = LLMEngine(model, self.engine_config, eos_token_ids=self.eos_token_ids)
+        self._runs = 0
+        run = self.engine.runner.run
+
+        def counted_run(batch):
+            self._runs += 1
+            return run(batch)
+        self.engine.runner.run = counted_run
+
+    # ---- requests ----
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        self.engine.add_request(request_id, prompt_token_ids, params)
+
+    def abort(self, request_id: str) -> list[TokenOutput]:
+        return self.engine.abort(request_id)
+
+    # ---- lockstep ----
+    def step(self) -> StepResult:
+        start, runs = time.perf_counter(), self._runs
+        outputs = self.engine.step()
+        if self._runs == runs:
+            self._empty_forward()
+        counts, a2a = self.stats.take()
+        sched = self.engine.scheduler
+        return StepResult(self.rank, outputs, counts.cpu(), a2a, time.perf_counter() - start, sched.num_running,
+                          sched.num_waiting, self.engine.block_manager.usage(), sched.num_preemptions)
+
+    @torch.no_grad()
+    def _empty_forward(self) -> None:
+        """Join every MoE layer's collectives with zero tokens (nothing scheduled on this rank)."""
+        H = self.engine.model.config.hidden_size
+        t = torch.empty(0, H, dtype=self.dtype, device=self.device)
+        ids = torch.empty(0, self.engine.model.config.num_experts_per_tok, dtype=torch.long, device=self.device)
+        for experts in self.experts:
+            experts(t, ids, torch.empty(ids.shape, device=self.device))
+
+    # ---- placement ----
+    def apply_placement(self, placement) -> int:
+        """Switch to a new expert map between steps; re-reads the experts of changed slots from the checkpoint.
+        Returns the number of slots whose expert changed on this rank."""
+        placement = placement.to(self.device)
+        ckpt, moved = Checkpoint(self.model_dir), 0
+        for experts in self.experts:
+            old = experts.slot_experts()
+            experts.placement = placement
+            changed = [s for s, (a, b) in enumerate(zip(old, experts.slot_experts())) if a != b]
+            experts.load_from(ckpt, self.dtype, changed)
+            moved += len(changed)
+        self.placement = placement
+        return moved
+
+    # ---- introspection ----
+    def num_expert_params(self) -> int:
+        return sum(p.numel() for e in self.experts for p in e.parameters())
+
+    def slot_experts(self) -> list[list[int]]:
+        return [e.slot_experts() for e in self.experts]
+
+    def shutdown(self) -> None:
+        destroy_ep_group()

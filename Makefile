@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 DEMO := .cache/tiny-demo
 
-.PHONY: venv test serve clean
+.PHONY: venv test serve clean promtool
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -20,7 +20,11 @@ $(STAMP): pyproject.toml | $(PY)
 
 venv: $(STAMP)
 
-test: venv
+# promtool (Debian's prometheus package) for the monitoring tests; the machines run as root.
+promtool:
+	@command -v promtool >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus)
+
+test: venv promtool
 	$(PY) -m pytest -q tests
 
 # Until the serving issue lands: a short generation on a tiny gpt-oss checkpoint written by make-tiny.

@@ -50,13 +50,13 @@ class EPStepError(RuntimeError):
 
 class EPGroup:
     def __init__(self, model_dir: str, ep: EPConfig, engine: EngineConfig = EngineConfig(),
-                 eos_token_ids: tuple[int, ...] = ()):
+                 eos_token_ids: tuple[int, ...] = (), expert_metrics=None):
         cfg = ModelConfig.from_dir(model_dir)
         self.ep, self.model_config = ep, cfg
         self.router = ray.remote(ExpertRouter).options(num_cpus=0).remote(RouterConfig(
             num_layers=cfg.num_hidden_layers, num_experts=cfg.num_local_experts, ep_size=ep.ep_size,
             num_redundant=ep.redundant_experts, window_steps=ep.window_steps,
-            rebalance_interval_steps=ep.rebalance_interval_steps))
+            rebalance_interval_steps=ep.rebalance_interval_steps), None, expert_metrics)
         self.placement_version, placement = ray.get(self.router.placement.remote())
         pg, first = group_placement(ep.ep_size, ep.device, ep.placement_strategy)
         self._own_pg = pg if first == 0 else None
@@ -160,6 +160,9 @@ class EPGroup:
         return results
 
     # ---- lifecycle ----
+    def rank_stats(self) -> list[dict]:
+        return ray.get([w.stats.remote() for w in self.workers], timeout=self.ep.collective_timeout_s + 5)
+
     def num_expert_params(self) -> list[int]:
         return ray.get([w.num_expert_params.remote() for w in self.workers])
 

@@ -114,6 +114,13 @@ class EPWorker:
         return moved
 
     # ---- introspection ----
+    def stats(self) -> dict:
+        """KV blocks in use and requests on this rank (for health/stats endpoints and tests)."""
+        bm, sched = self.engine.block_manager, self.engine.scheduler
+        used = {g: bm.num_total_blocks(g) - bm.num_free_blocks(g) for g in bm.config.groups}
+        return {"rank": self.rank, "kv_usage": bm.usage(), "blocks_used": used, "num_running": sched.num_running,
+                "num_waiting": sched.num_waiting, "num_preemptions": sched.num_preemptions}
+
     def num_expert_params(self) -> int:
         return sum(p.numel() for e in self.experts for p in e.parameters())
 

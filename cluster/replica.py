@@ -33,8 +33,9 @@ class ReplicaUnhealthy(RuntimeError):
 
 
 class ReplicaEngine:
-    def __init__(self, group: EPGroup):
+    def __init__(self, group: EPGroup, metrics=None):
         self.group = group
+        self.metrics = metrics          # monitoring.recorders.EngineMetrics, or None
         self.error: Exception | None = None
         self._commands: queue.Queue = queue.Queue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
@@ -88,8 +89,10 @@ class ReplicaEngine:
             try:
                 self._apply_commands()
                 if self.group.has_unfinished():
-                    for out in self.group.step():
+                    outputs = self.group.step()
+                    for out in outputs:
                         self._deliver(out.request_id, out)
+                    self._observe(outputs)
                 else:
                     self._wake.wait(timeout=1.0)
                     self._wake.clear()
@@ -110,9 +113,24 @@ class ReplicaEngine:
                     self.group.add_request(arg.request_id, arg.prompt_token_ids, arg.params)
                 except ValueError as e:   # a request the engine can never serve
                     self._deliver(arg.request_id, e)
+                    continue
+                if self.metrics is not None:
+                    self.metrics.on_request_added(len(arg.prompt_token_ids))
             else:
                 for out in self.group.abort(arg):
                     self._deliver(arg, out)
+
+    def _observe(self, outputs) -> None:
+        if self.metrics is None:
+            return
+        self.metrics.on_generated(sum(len(o.new_token_ids) for o in outputs))
+        for out in outputs:
+            if out.queue_time_s is not None:
+                self.metrics.observe_queue_time(out.queue_time_s)
+        for r in self.group.last_results:
+            self.metrics.observe_rank(r.rank, num_running=r.num_running, num_waiting=r.num_waiting,
+                                      kv_usage=r.kv_usage, num_preemptions=r.num_preemptions,
+                                      all_to_all_s=r.all_to_all_s, step_s=r.step_s)
 
     def _deliver(self, request_id: str, item) -> None:
         target = self._streams.get(request_id)

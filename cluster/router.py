@@ -52,8 +52,9 @@ class ExpertRouter:
     Arguments and results are tensors, lists, ints or ExpertPlacement (all picklable, all CPU).
     """
 
-    def __init__(self, config: RouterConfig, placement: ExpertPlacement | None = None):
+    def __init__(self, config: RouterConfig, placement: ExpertPlacement | None = None, metrics=None):
         self.config = config
+        self.metrics = metrics          # monitoring.recorders.ExpertMetrics, or None
         c = config
         self._placement = placement if placement is not None else \
             ExpertPlacement.initial(c.num_layers, c.num_experts, c.ep_size, c.num_redundant)
@@ -104,6 +105,9 @@ class ExpertRouter:
         """`record` for each (step, counts [L, E]) in order: one actor call for a batch of steps."""
         for step, counts in records:
             self.record(step, counts)
+        if self.metrics is not None and records:
+            self.metrics.observe_counts(sum(torch.as_tensor(c) for _, c in records))
+            self.metrics.observe({"balancedness": self.balancedness(), "rebalances": self._num_rebalances})
 
     def maybe_rebalance(self, step: int) -> ExpertPlacement | None:
         """Every rebalance_interval_steps steps (0 = never), when the window has data: rebalance and return the new

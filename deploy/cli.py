@@ -70,6 +70,14 @@ def cmd_train_demo(args) -> None:
     print(args.out)
 
 
+def cmd_bench_load(args) -> None:
+    from bench import load
+    try:
+        load.run(args)
+    except ValueError as e:                    # a bad flag value or an unreachable server
+        raise UserError(str(e)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="epserve", description="Expert-parallel serving of gpt-oss")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -118,6 +126,19 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("serve", help="serve the OpenAI API with expert-parallel replicas on a local Ray cluster")
     server.add_arguments(v)
     v.set_defaults(func=cmd_serve)
+
+    b = sub.add_parser("bench", help="benchmarks")
+    bench = b.add_subparsers(dest="bench_command", required=True, parser_class=_Parser)
+    ld = bench.add_parser("load", help="OpenAI-API load: Poisson arrivals, client-side TTFT/ITL/e2e percentiles")
+    ld.add_argument("--url", required=True, help="server root, e.g. http://127.0.0.1:8000")
+    ld.add_argument("--rate", type=float, default=4.0, help="mean request arrivals per second (Poisson)")
+    ld.add_argument("--requests", type=int, default=32)
+    ld.add_argument("--concurrency", type=int, default=8, help="requests in flight at most")
+    ld.add_argument("--model", default=None, help="model id (default: the first of GET /v1/models)")
+    ld.add_argument("--api-key", default=None)
+    ld.add_argument("--out", default="bench-load", help="directory for summary.json, load.png, metrics.prom")
+    ld.add_argument("--seed", type=int, default=0)
+    ld.set_defaults(func=cmd_bench_load)
     return p
 
 

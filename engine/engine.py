@@ -109,7 +109,7 @@ class LLMEngine:
                            output_token_ids=list(seq.output_token_ids), num_prompt_tokens=seq.num_prompt_tokens,
                            finished=seq.is_finished, finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
                            output_text=getattr(seq, "output_text", None), logprobs=list(logprobs),
-                           top_logprobs=list(top))
+                           top_logprobs=list(top), queue_time_s=_queue_time(seq, new))
 
     # ---- synchronous driver ----
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]
@@ -157,3 +157,9 @@ class LLMEngine:
         if queue is not None:
             queue.put_nowait(out)
 
+
+def _queue_time(seq: Sequence, new: list[int]) -> float | None:
+    """Arrival -> first scheduled, reported once: with the request's first generated token."""
+    if seq.first_scheduled_time is None or not new or seq.num_output_tokens != 1:
+        return None
+    return seq.first_scheduled_time - seq.arrival_time

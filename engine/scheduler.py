@@ -6,6 +6,7 @@ samples (the Sampler does). Preemption is by recompute: a victim's KV is dropped
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 
 from engine.block_manager import BlockManager
@@ -163,6 +164,7 @@ class Scheduler:
             self.block_manager.allocate(seq, num_new, prefix)
             if seq.num_preemptions == 0:
                 seq.num_cached_tokens = prefix.num_tokens
+                seq.first_scheduled_time = time.monotonic()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             scheduled.append(self._entry(seq, num_new))

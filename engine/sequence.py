@@ -55,6 +55,7 @@ class Sequence:
         self.num_computed_tokens = 0      # tokens of all_token_ids whose KV is in the cache
         self.num_cached_tokens = 0        # prompt tokens served by the prefix cache at first admission
         self.num_preemptions = 0
+        self.first_scheduled_time: float | None = None   # when it first got KV blocks (queue time ends)
         self.block_tables: dict[str, list[int]] = {}
         self.block_hashes: list[bytes] = []  # content hashes of full blocks, filled by the prefix cache
         self.stop_reason: int | str | None = None  # the stop token id or stop string that matched

@@ -15,5 +15,6 @@ class TokenOutput:
     finish_reason: str | None = None              # "stop" | "length" | "abort" once finished
     stop_reason: int | str | None = None          # the stop token id or stop string that matched
     output_text: str | None = None                # set when a stop string cut the text (StopChecker)
+    queue_time_s: float | None = None             # on the first token: arrival -> first scheduled
     logprobs: list[float] = field(default_factory=list)                 # one per new token, when asked
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 
 import torch
@@ -46,6 +47,8 @@ class EPWorker:
         self.dtype = getattr(torch, dtype)
         self.device = torch.device(device if device == "cpu" else f"cuda:{torch.cuda.current_device()}")
         self.engine: LLMEngine | None = None
+        if self.device.type == "cpu":   # ranks share the host's cores: don't oversubscribe them
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // ep_size))
 
     def rendezvous_address(self) -> tuple[str, int]:
         """Rank 0's node address and a free port on it: the group's rendezvous (never an assumed localhost)."""

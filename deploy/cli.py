@@ -70,6 +70,11 @@ def cmd_train_demo(args) -> None:
     print(args.out)
 
 
+def cmd_bench_ep(args) -> None:
+    from bench import ep_bench
+    ep_bench.main(quick=args.quick)
+
+
 def cmd_bench_load(args) -> None:
     from bench import load
     try:
@@ -139,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     ld.add_argument("--out", default="bench-load", help="directory for summary.json, load.png, metrics.prom")
     ld.add_argument("--seed", type=int, default=0)
     ld.set_defaults(func=cmd_bench_load)
+    ep = bench.add_parser("ep", help="decode step latency at ep 2 against ep 1, and the all-to-all share")
+    ep.add_argument("--quick", action="store_true", help="a small model and few steps (about a minute)")
+    ep.set_defaults(func=cmd_bench_ep)
     return p
 
 

@@ -7,25 +7,16 @@ A failed step (dead or stuck rank) marks the replica unhealthy and ends every in
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import queue
 import threading
 from collections.abc import AsyncIterator
 
 from cluster.ep_group import EPGroup
-from engine.sampling_params import SamplingParams
+from engine.generate_request import GenerateRequest
 from engine.token_output import TokenOutput
 
 logger = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass(frozen=True)
-class GenerateRequest:
-    """Gateway -> replica: everything the engine needs, in token ids."""
-    request_id: str
-    prompt_token_ids: list[int]
-    params: SamplingParams
 
 
 class ReplicaUnhealthy(RuntimeError):

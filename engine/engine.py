@@ -132,8 +132,8 @@ class LLMEngine:
         """Yield each TokenOutput of the request as it is produced. Leaving early (a client disconnect, a
         cancelled task) aborts the request, which frees its KV blocks at once."""
         queue: asyncio.Queue = asyncio.Queue()
+        self.add_request(request_id, prompt_token_ids, params)     # raises before anything is registered
         self._streams[request_id] = queue
-        self.add_request(request_id, prompt_token_ids, params)
         if self._loop_task is None or self._loop_task.done():
             self._loop_task = asyncio.get_running_loop().create_task(self._run_loop())
         remaining = params.n

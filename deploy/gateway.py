@@ -1,0 +1,62 @@
+"""Gateway: the Serve ingress deployment. A FastAPI app with the OpenAI routes (deploy/openai_routes.py) whose
+ServingContext talks to the ModelServer deployment through its handle (Serve's router picks the replica).
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+from fastapi import FastAPI
+from ray import serve
+
+from deploy.app_config import AppArgs
+from deploy.backend import ServeBackend
+from deploy.model_paths import resolve_model_dir, served_name
+from deploy.openai_routes import register_routes
+from deploy.serving_context import ServingContext
+from deploy.tokenizer import Tokenizer, model_stop_ids
+from model.config import ModelConfig
+from monitoring.recorders import RequestMetrics, current_replica_id
+from model.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+_context: ServingContext | None = None   # handed from Gateway.__init__ to build_api in the replica's process
+
+
+def build_api() -> FastAPI:
+    """Serve calls this in the replica right after Gateway.__init__ (the FastAPI factory form of serve.ingress),
+    so the app is built inside the replica process and carries that replica's ServingContext."""
+    api = FastAPI(title="epserve", docs_url=None, redoc_url=None, openapi_url=None)
+    register_routes(api)
+    api.state.ctx = _context
+    return api
+
+
+def api_keys(args: AppArgs) -> frozenset[str]:
+    """Keys from the args plus, when `api_keys_env` names one, a comma-separated env var (a k8s Secret)."""
+    keys = set(args.api_keys)
+    if args.api_keys_env:
+        keys.update(k.strip() for k in os.environ.get(args.api_keys_env, "").split(",") if k.strip())
+    return frozenset(keys)
+
+
+@serve.ingress(build_api)
+class Gateway:
+    def __init__(self, model_server, args: dict):
+        app_args = AppArgs.model_validate(args)
+        model_dir = resolve_model_dir(app_args.model)
+        tokenizer = Tokenizer.from_model_dir(model_dir)
+        if tokenizer is None:
+            raise UserError(f"{model_dir}: the gateway needs tokenizer.json to render chats")
+        config = ModelConfig.from_dir(model_dir)
+        global _context
+        _context = ctx = ServingContext(
+            backend=ServeBackend(model_server), tokenizer=tokenizer,
+            model_name=served_name(app_args.model, app_args.served_model_name),
+            max_model_len=min(app_args.max_model_len, config.max_position_embeddings),
+            eos_token_ids=model_stop_ids(model_dir, tokenizer), api_keys=api_keys(app_args),
+            max_request_bytes=app_args.max_request_bytes, metrics=RequestMetrics(served_name(
+                app_args.model, app_args.served_model_name), replica=current_replica_id()))
+        logger.info("gateway serving %s (max_model_len %d, auth %s)", ctx.model_name, ctx.max_model_len,
+                    "on" if ctx.api_keys else "off")

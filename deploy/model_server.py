@@ -1,0 +1,75 @@
+"""ModelServer: the Serve deployment whose every replica owns one EP group (ranks + ExpertRouter actor).
+
+Its placement group (from Serve's `placement_group_bundles`: its own bundle, then one per rank) holds the ranks.
+Streams TokenOutputs per GenerateRequest; a failed EP group makes `check_health` raise so Serve replaces the replica
+while other replicas keep serving.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+from cluster.ep_group import EPConfig, EPGroup
+from cluster.replica import ReplicaEngine
+from engine.generate_request import GenerateRequest
+from deploy.app_config import AppArgs
+from deploy.model_paths import resolve_model_dir, served_name
+from deploy.tokenizer import Tokenizer, model_stop_ids
+from engine.engine import EngineConfig
+from engine.token_output import TokenOutput
+from monitoring.recorders import EngineMetrics, ExpertMetrics, current_replica_id
+
+logger = logging.getLogger(__name__)
+
+
+def engine_config(args: AppArgs) -> EngineConfig:
+    return EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                        max_model_len=args.max_model_len, kv_cache_bytes=args.kv_cache_bytes,
+                        enable_prefix_caching=args.enable_prefix_caching)
+
+
+def ep_config(args: AppArgs) -> EPConfig:
+    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if args.device == "cuda" else "float32")
+    return EPConfig(ep_size=args.ep_size, redundant_experts=args.redundant_experts,
+                    placement_strategy=args.placement_strategy, device=args.device, dtype=dtype,
+                    collective_timeout_s=args.collective_timeout_s,
+                    rebalance_interval_steps=args.rebalance_interval_steps)
+
+
+class ModelServer:
+    def __init__(self, args: dict):
+        app_args = AppArgs.model_validate(args)
+        model_dir = resolve_model_dir(app_args.model)
+        stop_ids = model_stop_ids(model_dir, Tokenizer.from_model_dir(model_dir))
+        name = served_name(app_args.model, app_args.served_model_name)
+        replica = current_replica_id()
+        group = EPGroup(str(model_dir), ep_config(app_args), engine_config(app_args), stop_ids,
+                        expert_metrics=ExpertMetrics(name, replica=replica))
+        self.engine = ReplicaEngine(group, metrics=EngineMetrics(name, replica=replica))
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenOutput]:
+        async for out in self.engine.stream(request):
+            yield out
+
+    def check_health(self) -> None:
+        self.engine.check_health()
+
+    def num_in_flight(self) -> int:
+        return self.engine.num_in_flight
+
+    def stats(self) -> dict:
+        """This replica's view for operators and tests: requests in flight, per-rank KV use, expert load."""
+        import ray
+        group = self.engine.group
+        return {"replica": self.replica_id(), "in_flight": self.engine.num_in_flight,
+                "healthy": self.engine.error is None, "ranks": group.rank_stats(),
+                "experts": ray.get(group.router.stats.remote()), "steps": group.num_steps}
+
+    def replica_id(self) -> str:
+        from ray import serve
+        return serve.get_replica_context().replica_id.unique_id
+
+    def __del__(self):
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.shutdown()

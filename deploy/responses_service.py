@@ -1,0 +1,207 @@
+"""/v1/responses (OpenAI's Responses API) over harmony: plain and streamed, stateless, with real usage.
+
+Owns the mapping of harmony messages onto output items (analysis -> reasoning item, final -> message item with
+output_text, commentary to=functions.* -> function_call item) and the streaming event order. One ResponseBuilder
+serves both paths, so a streamed response ends with exactly the object a plain request returns. Knows no HTTP.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+
+from engine.generate_request import GenerateRequest
+from deploy.api_errors import APIError, BadRequestError
+from deploy.chat_service import GenerationPlan, SequenceResult, as_api_error, sse
+from deploy.harmony import HarmonyRenderError, RenderOptions, render_responses
+from deploy.harmony_output import REASONING, HarmonyDelta, classify
+from deploy.harmony_parser import HarmonyStreamParser
+from deploy.protocol import to_sampling_params
+from deploy.protocol_outputs import random_id
+from deploy.responses_protocol import (ContentPartEvent, ErrorEvent, FunctionCallArgumentsDeltaEvent,
+                                       FunctionCallArgumentsDoneEvent, FunctionCallItem, IncompleteDetails,
+                                       OutputItemEvent, OutputMessage, OutputText, ReasoningConfig, ReasoningItem,
+                                       ReasoningText, ResponseEvent, ResponseLifecycleEvent, ResponseObject,
+                                       ResponsesRequest, ResponseUsage, TextDeltaEvent, TextDoneEvent)
+from deploy.serving_context import ServingContext
+from engine.token_output import TokenOutput
+
+logger = logging.getLogger(__name__)
+
+
+def plan_response(ctx: ServingContext, req: ResponsesRequest) -> GenerationPlan:
+    options = RenderOptions(reasoning_effort=req.reasoning_effort, tools=req.effective_tools,
+                            instructions=req.instructions)
+    try:
+        prompt_ids = render_responses(ctx.tokenizer, req.input, options).token_ids
+    except HarmonyRenderError as e:
+        raise BadRequestError(str(e), param="input") from None
+    params = to_sampling_params(req, ctx.max_model_len, len(prompt_ids),
+                                stop_token_ids=ctx.tokenizer.harmony_stop_ids())
+    response_id = random_id("resp")
+
+    def builder() -> ResponseBuilder:
+        response = ResponseObject(
+            id=response_id, model=ctx.model_name, status="in_progress", instructions=req.instructions,
+            max_output_tokens=req.max_output_tokens, temperature=req.temperature, top_p=req.top_p,
+            reasoning=ReasoningConfig(effort=req.reasoning_effort, summary=req.reasoning and req.reasoning.summary),
+            tools=list(req.tools or []), tool_choice=req.tool_choice if isinstance(req.tool_choice, str) else "auto",
+            metadata=req.metadata)
+        return ResponseBuilder(ctx.tokenizer, response, len(prompt_ids))
+
+    def body(results: dict[tuple[int, int], SequenceResult]) -> ResponseObject:
+        seq, build = results[(0, 0)], builder()
+        build.start()
+        build.feed(seq.token_ids)
+        build.finish(seq.finish_reason)
+        return build.response
+    return GenerationPlan([GenerateRequest(response_id, prompt_ids, params)], bool(req.stream),
+                          lambda outputs: _response_events(builder(), outputs), body)
+
+
+class ResponseBuilder:
+    """Generated ids -> output items and the events that build them, in OpenAI's order: response.created,
+    response.in_progress; per item output_item.added, [content_part.added], deltas, *.done, [content_part.done],
+    output_item.done; then response.completed (or .incomplete when max_output_tokens cut it)."""
+
+    def __init__(self, tokenizer, response: ResponseObject, num_prompt_tokens: int):
+        self.parser = HarmonyStreamParser(tokenizer)
+        self.response = response
+        self.num_prompt_tokens = num_prompt_tokens
+        self.num_output_tokens = self.num_reasoning_tokens = 0
+        self.item: ReasoningItem | OutputMessage | FunctionCallItem | None = None
+        self.text = ""                 # what the open item has received so far
+        self.sequence_number = 0
+
+    def start(self) -> list[ResponseEvent]:
+        return [self._lifecycle("response.created"), self._lifecycle("response.in_progress")]
+
+    def feed(self, token_ids: list[int]) -> list[ResponseEvent]:
+        """Reasoning tokens: those of analysis messages (and other reasoning-routed ones) from `<|message|>` to
+        their end token; the header tokens are not counted."""
+        events: list[ResponseEvent] = []
+        for token_id in token_ids:
+            was_reasoning = self._in_reasoning()
+            num_closed = len(self.parser.messages)
+            delta = self.parser.process(token_id)
+            self.num_output_tokens += 1
+            self.num_reasoning_tokens += was_reasoning or self._in_reasoning()
+            events += self._on_delta(delta)
+            if len(self.parser.messages) > num_closed:
+                events += self._close("completed")
+        return events
+
+    def finish(self, finish_reason: str | None) -> list[ResponseEvent]:
+        complete = finish_reason == "stop"
+        events = self._on_delta(self.parser.finish()) + self._close("completed" if complete else "incomplete")
+        self.response.usage = ResponseUsage.of(self.num_prompt_tokens, self.num_output_tokens,
+                                               self.num_reasoning_tokens)
+        if complete:
+            self.response.status = "completed"
+            return events + [self._lifecycle("response.completed")]
+        self.response.status = "incomplete"
+        self.response.incomplete_details = IncompleteDetails(reason="max_output_tokens")
+        return events + [self._lifecycle("response.incomplete")]
+
+    def fail(self, error: APIError) -> list[ResponseEvent]:
+        self.response.status = "failed"
+        self.response.error = {"code": error.error_type, "message": error.message}
+        return [self._event(ErrorEvent, code=error.error_type, message=error.message, param=error.param),
+                self._lifecycle("response.failed")]
+
+    # -- items -------------------------------------------------------------------------------------------------------
+    def _in_reasoning(self) -> bool:
+        p = self.parser
+        return p.current_role is not None and classify(p.current_channel, p.current_recipient) == REASONING
+
+    def _on_delta(self, delta: HarmonyDelta) -> list[ResponseEvent]:
+        events = []
+        if delta.reasoning_content:
+            events += self._append(ReasoningItem, delta.reasoning_content)
+        if delta.content:
+            events += self._append(OutputMessage, delta.content)
+        for call in delta.tool_calls:
+            if call.id is not None:
+                events += self._close("completed")
+                events += self._open(FunctionCallItem(call_id=call.id, name=call.name or "", arguments="",
+                                                      status="in_progress"))
+            if call.arguments and isinstance(self.item, FunctionCallItem):
+                events += self._append(FunctionCallItem, call.arguments)
+        return events
+
+    def _open(self, item) -> list[ResponseEvent]:
+        self.item, self.text = item, ""
+        self.response.output.append(item)
+        events = [self._event(OutputItemEvent, type="response.output_item.added", output_index=self._index,
+                              item=item.model_copy(deep=True))]
+        if not isinstance(item, FunctionCallItem):
+            part = ReasoningText(text="") if isinstance(item, ReasoningItem) else OutputText(text="")
+            events.append(self._event(ContentPartEvent, type="response.content_part.added", item_id=item.id,
+                                      output_index=self._index, part=part))
+        return events
+
+    def _append(self, kind: type, text: str) -> list[ResponseEvent]:
+        events = []
+        if not isinstance(self.item, kind):
+            events += self._close("completed")
+            events += self._open(kind(status="in_progress"))
+        self.text += text
+        where = {"item_id": self.item.id, "output_index": self._index}
+        if kind is FunctionCallItem:
+            return events + [self._event(FunctionCallArgumentsDeltaEvent, delta=text, **where)]
+        kind_name = "reasoning_text" if kind is ReasoningItem else "output_text"
+        extra = {} if kind is ReasoningItem else {"logprobs": []}
+        return events + [self._event(TextDeltaEvent, type=f"response.{kind_name}.delta", delta=text, **where, **extra)]
+
+    def _close(self, status: str) -> list[ResponseEvent]:
+        item, text = self.item, self.text
+        if item is None:
+            return []
+        self.item, self.text = None, ""
+        item.status = status
+        where = {"item_id": item.id, "output_index": self._index}   # the open item is always the last one
+        if isinstance(item, FunctionCallItem):
+            item.arguments = text
+            events = [self._event(FunctionCallArgumentsDoneEvent, name=item.name, arguments=text, **where)]
+        else:
+            reasoning = isinstance(item, ReasoningItem)
+            part = ReasoningText(text=text) if reasoning else OutputText(text=text)
+            item.content = [part]
+            kind_name = "reasoning_text" if reasoning else "output_text"
+            events = [self._event(TextDoneEvent, type=f"response.{kind_name}.done", text=text, **where,
+                                  **({} if reasoning else {"logprobs": []})),
+                      self._event(ContentPartEvent, type="response.content_part.done", part=part, **where)]
+        return events + [self._event(OutputItemEvent, type="response.output_item.done",
+                                     output_index=where["output_index"], item=item.model_copy(deep=True))]
+
+    @property
+    def _index(self) -> int:
+        return len(self.response.output) - 1
+
+    def _event(self, cls: type, **fields) -> ResponseEvent:
+        event = cls(sequence_number=self.sequence_number, **fields)
+        self.sequence_number += 1
+        return event
+
+    def _lifecycle(self, kind: str) -> ResponseEvent:
+        return self._event(ResponseLifecycleEvent, type=kind, response=self.response.model_copy(deep=True))
+
+
+async def _response_events(builder: ResponseBuilder, outputs: AsyncIterator[tuple[int, TokenOutput]]
+                           ) -> AsyncIterator[str]:
+    """SSE `event: <type>` / `data: <json>` pairs; an error mid-stream is an `error` event then response.failed.
+    No `data: [DONE]`: OpenAI's Responses stream ends with its last event."""
+    events = builder.start()
+    try:
+        async with aclosing(outputs):
+            async for _, out in outputs:
+                events += builder.feed(out.new_token_ids)
+                if out.finished:
+                    events += builder.finish(out.finish_reason)
+                for event in events:
+                    yield sse(event.model_dump_json(), event=event.type)
+                events = []
+    except Exception as e:
+        events += builder.fail(as_api_error(e))
+    for event in events:
+        yield sse(event.model_dump_json(), event=event.type)

@@ -1,0 +1,44 @@
+{{/*
+The Serve config embedded in the RayService (serveConfigV2): the same document `serve run deploy/serve_config.yaml`
+takes. Its `args` are deploy.app_config.AppArgs: values are camelCase, args snake_case with the same names
+(expertParallel.epSize -> ep_size, engine.maxModelLen -> max_model_len, ...). This is the only place values become
+app arguments. API keys never appear here: only the name of the env var that carries them (api_keys_env).
+*/}}
+{{- define "epserve.serveArgs" -}}
+{{- $v := .Values }}
+{{- $args := dict "model" (include "epserve.modelMountPath" .) "device" "cuda" "dtype" $v.model.dtype }}
+{{- with $v.model.servedModelName }}
+{{- $_ := set $args "served_model_name" . }}
+{{- end }}
+{{- /* expertParallel, engine and gateway hold only AppArgs fields (values.schema.json lists them): copy by name. */}}
+{{- range $section := list $v.expertParallel $v.engine $v.gateway }}
+{{- range $key, $value := $section }}
+{{- $_ := set $args (snakecase $key) $value }}
+{{- end }}
+{{- end }}
+{{- if $v.autoscaling.enabled }}
+{{- $_ := set $args "autoscaling" (dict
+      "min_replicas" $v.autoscaling.minReplicas
+      "max_replicas" $v.autoscaling.maxReplicas
+      "target_ongoing_requests" $v.autoscaling.targetOngoingRequests) }}
+{{- else }}
+{{- $_ := set $args "num_replicas" $v.numReplicas }}
+{{- end }}
+{{- if $v.apiKeys.enabled }}
+{{- $_ := set $args "api_keys_env" $v.apiKeys.envName }}
+{{- end }}
+{{- toYaml $args }}
+{{- end }}
+
+{{- define "epserve.serveConfig" -}}
+proxy_location: EveryNode
+http_options:
+  host: 0.0.0.0
+  port: {{ include "epserve.servePort" . }}
+applications:
+  - name: epserve
+    route_prefix: /
+    import_path: deploy.app:build_app
+    args:
+      {{- include "epserve.serveArgs" . | nindent 6 }}
+{{- end }}

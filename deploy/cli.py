@@ -75,6 +75,11 @@ def cmd_bench_ep(args) -> None:
     ep_bench.main(quick=args.quick)
 
 
+def cmd_bench_engine(args) -> None:
+    from bench import engine_bench
+    engine_bench.main(quick=args.quick)
+
+
 def cmd_bench_load(args) -> None:
     from bench import load
     try:
@@ -147,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     ep = bench.add_parser("ep", help="decode step latency at ep 2 against ep 1, and the all-to-all share")
     ep.add_argument("--quick", action="store_true", help="a small model and few steps (about a minute)")
     ep.set_defaults(func=cmd_bench_ep)
+    en = bench.add_parser("engine", help="decode tokens/s vs transformers, and batch-1 vs the bandwidth roofline")
+    en.add_argument("--quick", action="store_true", help="smaller runs (about a minute)")
+    en.set_defaults(func=cmd_bench_engine)
     return p
 
 

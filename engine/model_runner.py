@@ -58,4 +58,6 @@ class ModelRunner:
             last += s.num_tokens
             if s.samples:
                 rows.append(last - 1)
-        return self.model.compute_logits(hidden[torch.tensor(rows, dtype=torch.long, device=self.device)])  # [R, V]
+        if len(rows) < hidden.shape[0]:                   # else every row samples (a decode-only step): no gather
+            hidden = hidden[torch.tensor(rows, dtype=torch.long, device=self.device)]       # [R, H]
+        return self.model.compute_logits(hidden)                                            # [R, V]

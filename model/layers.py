@@ -8,6 +8,7 @@ import math
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from model.config import ModelConfig
 
@@ -21,6 +22,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:      # one call; torch's rms_norm runs these very ops (bitwise equal in fp32)
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         x32 = x.float()
         y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return (y * self.weight.float()).to(x.dtype)
@@ -40,8 +43,8 @@ def yarn_bounds(head_dim: int, theta: float, original_ctx: int, beta_fast: float
 class RotaryEmbedding(nn.Module):
     """Rotate-half (NeoX) RoPE; YaRN NTK-by-parts frequencies and concentration 0.1 ln(factor) + 1 on cos and sin.
 
-    No buffers: the D/2 frequencies are recomputed per forward on the positions' device (cheap), so a model built on
-    the meta device needs no re-initialisation after loading.
+    No buffers: the D/2 frequencies are computed on first use on the positions' device and kept per device (not in
+    the state dict), so a model built on the meta device needs no re-initialisation after loading.
     """
 
     def __init__(self, config: ModelConfig):
@@ -49,6 +52,7 @@ class RotaryEmbedding(nn.Module):
         self.head_dim = config.head_dim
         self.theta = config.rope_theta
         self.yarn = config.rope_scaling
+        self._inv_freq: dict[torch.device, tuple[torch.Tensor, float]] = {}
 
     def inv_freq_and_concentration(self, device: torch.device) -> tuple[torch.Tensor, float]:
         d = self.head_dim
@@ -67,7 +71,9 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [T] -> (cos, sin) [T, D/2], computed in fp32 and cast to the activation dtype."""
-        inv_freq, concentration = self.inv_freq_and_concentration(positions.device)
+        if positions.device not in self._inv_freq:
+            self._inv_freq[positions.device] = self.inv_freq_and_concentration(positions.device)
+        inv_freq, concentration = self._inv_freq[positions.device]
         angles = positions.float()[:, None] * inv_freq[None, :]                                 # [T, D/2]
         return (angles.cos() * concentration).to(dtype), (angles.sin() * concentration).to(dtype)
 

@@ -2,10 +2,12 @@
 
 Expert parallelism enters here and nowhere else: `MLP.experts` is any `ExpertBackend`; `LocalExperts` computes the
 experts a process holds, an EP backend (cluster/) dispatches tokens to other ranks and combines their outputs.
-Legend: T=tokens, H=hidden, E=experts (local), K=top-k, I=intermediate, P=T*K (token, expert) pairs.
+Legend: T=tokens, H=hidden, E=experts (local), K=top-k, I=intermediate, P=T*K (token, expert) pairs, R=pairs held
+here.
 """
 from __future__ import annotations
 
+import functools
 from typing import Protocol
 
 import torch
@@ -44,7 +46,10 @@ class LocalExperts(nn.Module):
     """Experts [first_expert, first_expert + num_experts) held by this process, weights "in x out" as in HF's
     unquantised layout (spec §3.3): gate_up_proj [E, H, 2I], down_proj [E, I, H], biases [E, 2I] / [E, H].
 
-    Reference path: tokens grouped by expert (one sort), one matmul per expert that received tokens.
+    Pairs are grouped by expert (one sort). Without autograd, on a device and dtype `torch._grouped_mm` serves,
+    all experts run in two grouped matmuls: a fixed number of ops per layer however many experts are hit.
+    Otherwise (training, other devices, a subclass overriding `expert_forward`) the reference loop runs one
+    `expert_forward` per hit expert. Both sum a token's K outputs in fp32, in expert order.
     Pairs routed to experts this process does not hold contribute nothing (an EP backend sends them elsewhere).
     """
 
@@ -54,6 +59,7 @@ class LocalExperts(nn.Module):
         E = config.num_local_experts if num_experts is None else num_experts
         H, I = config.hidden_size, config.intermediate_size
         self.first_expert = first_expert
+        self.num_logical_experts = config.num_local_experts       # ids the gate can emit: [0, this)
         self.alpha, self.limit = config.swiglu_alpha, config.swiglu_limit
         self.gate_up_proj = nn.Parameter(torch.empty(E, H, 2 * I, dtype=dtype))
         self.gate_up_proj_bias = nn.Parameter(torch.empty(E, 2 * I, dtype=dtype))
@@ -70,20 +76,68 @@ class LocalExperts(nn.Module):
         return h @ self.down_proj[e] + self.down_proj_bias[e]
 
     def forward(self, t: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        T, K = expert_ids.shape
-        local = (expert_ids - self.first_expert).flatten()                                  # [P]
-        held = (local >= 0) & (local < self.num_experts)
-        order = torch.argsort(torch.where(held, local, self.num_experts), stable=True)      # [P] grouped
-        counts = torch.bincount(local[held], minlength=self.num_experts).tolist()
-        out = torch.zeros(T, t.shape[1], dtype=torch.float32, device=t.device)              # [T, H]
-        start = 0
-        for e, n in enumerate(counts):
-            if n:
-                pairs = order[start:start + n]
-                y = self.expert_forward(e, t[pairs // K])                                   # [n, H]
-                out.index_add_(0, pairs // K, y.float() * weights.flatten()[pairs, None])
-                start += n
-        return out.to(t.dtype)
+        E, K = self.num_experts, expert_ids.shape[1]
+        ids = (expert_ids - self.first_expert).flatten()                                    # [P] local ids
+        if self.first_expert == 0 and E == self.num_logical_experts:                        # all held: no sync
+            order = torch.argsort(ids, stable=True)                                         # [P] grouped
+            counts = torch.bincount(ids, minlength=E)                                       # [E]
+        else:                                                                               # pairs not held -> E
+            ids = torch.where((ids >= 0) & (ids < E), ids, E)
+            order = torch.argsort(ids, stable=True)
+            counts = torch.bincount(ids, minlength=E + 1)                                   # [E+1]
+            order, counts = order[:len(order) - int(counts[E])], counts[:E]                 # [R] held pairs
+        rows = order // K                                                                   # [R] token of pair
+        if self.grouped_ok(t):
+            y = self._grouped(t.index_select(0, rows), ids[order], counts)                  # [R, H]
+        else:
+            y = torch.cat([self.expert_forward(e, t[rows[s:s + n]])
+                           for e, s, n in _groups(counts.tolist())] or [t[:0]])             # [R, H]
+        y = y.float().mul_(weights.flatten()[order].float()[:, None])                       # [R, H] fp32
+        out = torch.zeros(t.shape, dtype=torch.float32, device=t.device)                    # [T, H]
+        return out.index_add_(0, rows, y).to(t.dtype)
+
+    def grouped_ok(self, t: torch.Tensor) -> bool:
+        """Whether the grouped path may run: no autograd, the reference expert_forward, a supported layout."""
+        if torch.is_grad_enabled() and (t.requires_grad or self.gate_up_proj.requires_grad):
+            return False
+        if type(self).expert_forward is not LocalExperts.expert_forward or t.dtype != self.down_proj.dtype:
+            return False
+        I = self.down_proj.shape[1]
+        return grouped_mm_supported(t.device, t.dtype, (t.shape[1], 2 * I, I))
+
+    def _grouped(self, x: torch.Tensor, expert_of_row: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """x [R, H] sorted by expert, counts [E] -> expert outputs [R, H] (down bias included, no weighting)."""
+        offsets = counts.cumsum(0, dtype=torch.int32)                                       # [E] group ends
+        gate_up = torch._grouped_mm(x, self.gate_up_proj, offs=offsets)                     # [R, 2I]
+        h = swiglu(gate_up.add_(self.gate_up_proj_bias.index_select(0, expert_of_row)), self.alpha, self.limit)
+        y = torch._grouped_mm(h, self.down_proj, offs=offsets)                              # [R, H]
+        return y.add_(self.down_proj_bias.index_select(0, expert_of_row))
+
+
+def _groups(counts: list[int]) -> list[tuple[int, int, int]]:
+    """(expert, first row, rows) of every expert with rows, for rows grouped by expert."""
+    out, start = [], 0
+    for e, n in enumerate(counts):
+        if n:
+            out.append((e, start, n))
+            start += n
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def grouped_mm_supported(device: torch.device, dtype: torch.dtype, dims: tuple[int, ...]) -> bool:
+    """`torch._grouped_mm` serves this device and dtype (probed once), and rows of every width in `dims` are
+    16-byte aligned as it requires. Its CPU kernel takes fp32/bf16/fp16; CUDA's wants bf16 on recent GPUs."""
+    size = torch.empty((), dtype=dtype).element_size()
+    if not hasattr(torch, "_grouped_mm") or any(d * size % 16 for d in dims):
+        return False
+    try:
+        w = torch.ones(2, 16, 16, dtype=dtype, device=device)
+        y = torch._grouped_mm(torch.ones(3, 16, dtype=dtype, device=device), w,
+                              offs=torch.tensor([1, 3], dtype=torch.int32, device=device))
+        return bool((y == 16).all())
+    except (RuntimeError, NotImplementedError):
+        return False
 
 
 class MLP(nn.Module):

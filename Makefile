@@ -3,7 +3,6 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
-DEMO := .cache/tiny-demo
 
 .PHONY: venv test serve clean promtool
 
@@ -27,10 +26,9 @@ promtool:
 test: venv promtool
 	$(PY) -m pytest -q tests
 
-# Until the serving issue lands: a short generation on a tiny gpt-oss checkpoint written by make-tiny.
+# The OpenAI API on 127.0.0.1:8000 serving the bundled demo model (1 replica x 2 EP ranks, CPU). Ctrl-C stops it.
 serve: venv
-	@test -f $(DEMO)/config.json || $(VENV)/bin/epserve make-tiny $(DEMO) --seed 0
-	$(VENV)/bin/epserve generate $(DEMO) --prompts deploy/demo_prompts.jsonl --max-tokens 16
+	$(VENV)/bin/epserve serve
 
 clean:
 	rm -rf $(VENV) .cache

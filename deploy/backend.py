@@ -5,11 +5,13 @@ healthy replica -> 503. Never renders, parses or validates requests (the gateway
 """
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from typing import Protocol
 
-from deploy.api_errors import no_healthy_replica_error, queue_full_error
+from deploy.api_errors import BadRequestError, no_healthy_replica_error, queue_full_error
 from engine.generate_request import GenerateRequest
 from engine.token_output import TokenOutput
 
@@ -42,6 +44,7 @@ class ServeBackend:
         self.handle = handle.options(stream=True)
 
     async def stream(self, request: GenerateRequest) -> AsyncIterator[TokenOutput]:
+        from ray.exceptions import RayTaskError
         from ray.serve.exceptions import BackPressureError
 
         from cluster.replica import ReplicaUnhealthy
@@ -49,13 +52,22 @@ class ServeBackend:
         try:
             async for out in responses:
                 yield out
+        except (GeneratorExit, asyncio.CancelledError):
+            with contextlib.suppress(Exception):   # the client left: cancel, which frees its KV blocks
+                responses.cancel()
+            raise
         except BackPressureError:
             raise queue_full_error(RETRY_AFTER_S) from None
+        except RayTaskError as e:
+            if isinstance(e.cause, ValueError):    # the replica refused the request (e.g. a token id out of range)
+                raise BadRequestError(str(e.cause)) from None
+            if not isinstance(e.cause, ReplicaUnhealthy):
+                raise
+            logger.warning("request %s: replica unhealthy (%s)", request.request_id, e.cause)
+            raise no_healthy_replica_error() from None
         except (ReplicaUnhealthy, _unavailable_errors()) as e:
             logger.warning("request %s: no healthy replica (%s)", request.request_id, e)
             raise no_healthy_replica_error() from None
-        finally:
-            responses.cancel()          # a no-op when finished; frees the KV blocks when the client left
 
 
 def _unavailable_errors() -> tuple[type[BaseException], ...]:

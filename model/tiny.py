@@ -1,8 +1,6 @@
-"""Tiny gpt-oss checkpoints with random weights, in the exact on-disk layout of openai/gpt-oss-120b / -20b:
-HF root (sharded safetensors + index, MXFP4 or bf16 experts, config.json, generation_config.json, tokenizer)
-and `original/` (OpenAI layout). Owns the layout and the weights; knows nothing of the forward pass.
-See gpt-oss-spec.md §1.1 (configs), §3.2-3.5 (tensors, MXFP4, original names).
-"""
+"""gpt-oss checkpoints in the exact on-disk layout of openai/gpt-oss-120b / -20b (`write_checkpoint`: HF root with
+sharded safetensors, MXFP4 or bf16 experts, configs, tokenizer; optional `original/`), and tiny ones with random
+weights (`write_tiny`). Owns the layout; knows nothing of the forward pass. gpt-oss-spec.md §1.1, §3.2-3.5."""
 from __future__ import annotations
 
 import hashlib
@@ -168,16 +166,14 @@ def bf16_experts(mxfp4_tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     return out
 
 
-def original_tensors(spec: TinySpec, hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def original_tensors(num_layers: int, hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The OpenAI `original/` tensors (spec §3.5) from the HF MXFP4 ones; qkv rows are q, then k, then v."""
     out = {"embedding.weight": hf["model.embed_tokens.weight"]}
-    for n in range(spec.layers):
+    for n in range(num_layers):
         p, b = f"model.layers.{n}.", f"block.{n}."
-        attn = {k: hf[f"{p}self_attn.{k}"] for k in ("q_proj.weight", "k_proj.weight", "v_proj.weight",
-                                                     "q_proj.bias", "k_proj.bias", "v_proj.bias")}
         out[b + "attn.norm.scale"] = hf[p + "input_layernorm.weight"]
-        out[b + "attn.qkv.weight"] = torch.cat([attn[f"{x}_proj.weight"] for x in "qkv"])   # [(nH+2nKV)*D, H]
-        out[b + "attn.qkv.bias"] = torch.cat([attn[f"{x}_proj.bias"] for x in "qkv"])       # [(nH+2nKV)*D]
+        for kind in ("weight", "bias"):                                       # [(nH+2nKV)*D, H], [(nH+2nKV)*D]
+            out[f"{b}attn.qkv.{kind}"] = torch.cat([hf[f"{p}self_attn.{x}_proj.{kind}"] for x in "qkv"])
         out[b + "attn.sinks"] = hf[p + "self_attn.sinks"]
         out[b + "attn.out.weight"] = hf[p + "self_attn.o_proj.weight"]
         out[b + "attn.out.bias"] = hf[p + "self_attn.o_proj.bias"]
@@ -193,7 +189,7 @@ def original_tensors(spec: TinySpec, hf: dict[str, torch.Tensor]) -> dict[str, t
     return out
 
 
-def hf_config(spec: TinySpec, eos_token_id: int) -> dict:
+def hf_config(spec: TinySpec, eos_token_id: int | None = None) -> dict:
     """Every field of the real HF config.json (spec §1.1) with the tiny values; pad_token_id null (spec §6)."""
     config = {
         "architectures": ["GptOssForCausalLM"], "attention_bias": True, "attention_dropout": 0.0,
@@ -255,39 +251,39 @@ def _write_json(path: Path, data: dict, **dump_kwargs) -> None:
     path.write_text(json.dumps(data, **dump_kwargs), encoding="utf-8")
 
 
-def write_tiny(out_dir: str | Path, spec: TinySpec) -> Path:
-    """Write a complete tiny gpt-oss checkpoint directory (HF root + original/ + tokenizer); returns its path.
+def write_checkpoint(out_dir: str | Path, config: dict, tensors: dict[str, torch.Tensor], vocab_size: int, *,
+                     shards: int = 1, tokenizer_text: str | None = None,
+                     original_config: dict | None = None) -> Path:
+    """Write a checkpoint directory in the real repositories' layout; returns its path. Same inputs -> same bytes.
 
-    Files: config.json, generation_config.json, model-0000i-of-{S-1:05d}.safetensors (the real 0-based
-    off-by-one names) + model.safetensors.index.json, tokenizer.json, tokenizer_config.json,
-    special_tokens_map.json; original/config.json, dtypes.json and model.safetensors (S == 1) or
-    model--0000i-of-{S:05d}.safetensors (1-based, double dash) + index. Same spec -> same bytes.
-    out_dir must not exist or be empty (UserError otherwise).
-    """
+    config: HF config.json (`hf_config`); eos_token_id becomes the written tokenizer's <|return|>; with
+    `quantization_config` experts are MXFP4 `*_blocks`/`*_scales` (§3.2), without it bf16 "in x out" (§3.3).
+    tensors: all HF tensors, MXFP4 experts. vocab_size, tokenizer_text: see `write_tokenizer_files`. Shards are
+    model-0000i-of-{S-1:05d}.safetensors (0-based, as on the Hub) + index; original_config adds original/ (§3.5).
+    out_dir must not exist or be empty (UserError otherwise)."""
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         # Never overwrite: a mistyped path could point at a real downloaded checkpoint, and mixing old and new
         # shards would leave files that glob-based loaders (OAI-torch reads every *.safetensors) pick up.
         raise UserError(f"{out}: exists and is not an empty directory; remove it or choose a new path")
     original = out / "original"
-    original.mkdir(parents=True, exist_ok=True)
-    tok = write_tokenizer_files(out, spec.vocab)
+    (original if original_config is not None else out).mkdir(parents=True, exist_ok=True)
+    tok = write_tokenizer_files(out, vocab_size, tokenizer_text)
     ids = {s: tok.token_to_id(s) for s in ("<|startoftext|>", "<|endoftext|>", "<|return|>", "<|call|>")}
-
-    _write_json(out / "config.json", hf_config(spec, ids["<|return|>"]), indent=2, sort_keys=True)
+    _write_json(out / "config.json", {**config, "eos_token_id": ids["<|return|>"]}, indent=2, sort_keys=True)
     _write_json(out / "generation_config.json", {
-        "bos_token_id": ids["<|startoftext|>"], "do_sample": True,
+        "bos_token_id": ids["<|startoftext|>"], "do_sample": True, "pad_token_id": ids["<|endoftext|>"],
         "eos_token_id": [ids["<|return|>"], ids["<|endoftext|>"], ids["<|call|>"]],
-        "pad_token_id": ids["<|endoftext|>"], "transformers_version": TRANSFORMERS_VERSION,
-    }, indent=2, sort_keys=True)
-    S = spec.shards
-    mx = hf_mxfp4_tensors(spec)
-    hf = mx if spec.experts_format == "mxfp4" else bf16_experts(mx)
+        "transformers_version": TRANSFORMERS_VERSION}, indent=2, sort_keys=True)
+    S = shards
+    hf = tensors if "quantization_config" in config else bf16_experts(tensors)
     names = [f"model-{i:05d}-of-{S - 1:05d}.safetensors" for i in range(S)]
     _write_index(out / "model.safetensors.index.json", hf, _write_safetensors(out, hf, names))
+    if original_config is None:
+        return out
 
-    orig = original_tensors(spec, mx)  # always MXFP4, same values for both experts formats
-    _write_json(original / "config.json", original_config(spec))  # one line, like the real 377-byte file
+    orig = original_tensors(original_config["num_hidden_layers"], tensors)  # always MXFP4 (OpenAI's layout)
+    _write_json(original / "config.json", original_config)  # one line, like the real 377-byte file
     dtypes = {n: "FP4" if n.endswith(".blocks") else "UE8" if n.endswith(".scales") else "BF16" for n in orig}
     _write_json(original / "dtypes.json", dtypes)
     if S == 1:
@@ -296,3 +292,9 @@ def write_tiny(out_dir: str | Path, spec: TinySpec) -> Path:
         names = [f"model--{i + 1:05d}-of-{S:05d}.safetensors" for i in range(S)]
         _write_index(original / "model.safetensors.index.json", orig, _write_safetensors(original, orig, names))
     return out
+
+
+def write_tiny(out_dir: str | Path, spec: TinySpec) -> Path:
+    """A tiny checkpoint with random weights: HF root + original/ + tokenizer (`write_checkpoint`)."""
+    return write_checkpoint(out_dir, hf_config(spec), hf_mxfp4_tensors(spec), spec.vocab, shards=spec.shards,
+                            original_config=original_config(spec))

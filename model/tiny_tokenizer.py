@@ -1,5 +1,5 @@
 """The tiny checkpoints' tokenizer: a byte-level BPE trained with `tokenizers` on harmony-formatted text built from
-model/assets/tiny_corpus.txt, plus the harmony special tokens (gpt-oss-spec.md §4).
+model/assets/tiny_corpus.txt (or on a text the caller gives), plus the harmony special tokens (gpt-oss-spec.md §4).
 
 Owns the training text and the tokenizer files. Special token ids are whatever training gives: look them up by
 name (`tokenizer.token_to_id("<|return|>")`), never by number.
@@ -131,17 +131,18 @@ def training_text() -> str:
     return "\n".join(_conversation(rng, corpus) for _ in range(_NUM_CONVERSATIONS))
 
 
-def _training_pieces() -> list[str]:
+def _training_pieces(text: str) -> list[str]:
     """The text between special tokens: specials are added tokens, so BPE must not spend merges on them."""
     pattern = "|".join(re.escape(s) for s in SPECIAL_TOKENS)
-    return [piece for piece in re.split(pattern, training_text()) if piece]
+    return [piece for piece in re.split(pattern, text) if piece]
 
 
-def train_tokenizer(vocab_size: int) -> Tokenizer:
+def train_tokenizer(vocab_size: int, text: str | None = None) -> Tokenizer:
     """Train the BPE so that BPE tokens + specials <= vocab_size (exactly equal when the text has enough merges).
 
+    `text`: the training text (harmony conversations with specials written by name); default `training_text()`.
     BPE ids come first (bytes, then merges in training order); the specials follow, like o200k_harmony.
-    Deterministic: the same vocab_size gives the same tokenizer.json bytes in every process.
+    Deterministic: the same vocab_size and text give the same tokenizer.json bytes in every process.
     """
     if vocab_size < MIN_VOCAB:
         raise UserError(f"vocab={vocab_size} is too small for the tiny tokenizer: it needs at least {MIN_VOCAB} "
@@ -156,26 +157,28 @@ def train_tokenizer(vocab_size: int) -> Tokenizer:
         vocab_size=vocab_size - len(SPECIAL_TOKENS), min_frequency=2, show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[],
     )
-    tok.train_from_iterator(_training_pieces(), trainer=trainer)
+    tok.train_from_iterator(_training_pieces(training_text() if text is None else text), trainer=trainer)
     tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in SPECIAL_TOKENS])
     return tok
 
 
 @functools.cache
-def _tokenizer_json(vocab_size: int) -> str:
-    return train_tokenizer(vocab_size).to_str(pretty=True)
+def _tokenizer_json(vocab_size: int, text: str | None = None) -> str:
+    return train_tokenizer(vocab_size, text).to_str(pretty=True)
 
 
-def load_trained(vocab_size: int) -> Tokenizer:
-    """A fresh copy of the trained tokenizer for `vocab_size` (trained once per process)."""
-    return Tokenizer.from_str(_tokenizer_json(vocab_size))
+def load_trained(vocab_size: int, text: str | None = None) -> Tokenizer:
+    """A fresh copy of the trained tokenizer for `vocab_size` (and `text`), trained once per process."""
+    return Tokenizer.from_str(_tokenizer_json(vocab_size, text))
 
 
-def write_tokenizer_files(out_dir: Path, vocab_size: int) -> Tokenizer:
-    """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json (HF gpt-oss style) to out_dir."""
+def write_tokenizer_files(out_dir: Path, vocab_size: int, text: str | None = None) -> Tokenizer:
+    """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json (HF gpt-oss style) to out_dir.
+
+    `text`: train the BPE on this text instead of the tiny checkpoints' default (see `train_tokenizer`)."""
     out_dir = Path(out_dir)
-    tok = load_trained(vocab_size)
-    (out_dir / "tokenizer.json").write_text(_tokenizer_json(vocab_size), encoding="utf-8")
+    tok = load_trained(vocab_size, text)
+    (out_dir / "tokenizer.json").write_text(_tokenizer_json(vocab_size, text), encoding="utf-8")
     added = {str(tok.token_to_id(s)): {"content": s, "lstrip": False, "normalized": False, "rstrip": False,
                                       "single_word": False, "special": True} for s in SPECIAL_TOKENS}
     config = {

@@ -15,3 +15,17 @@ def ray_cluster():
              _system_config={"metrics_report_interval_ms": 1000})
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def serve_url(ray_cluster):
+    """Serve's HTTP proxy on a free 127.0.0.1 port, once per session (Serve keeps its first http_options)."""
+    import socket
+
+    from ray import serve
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()

@@ -1,26 +1,18 @@
 """A live Serve application on 127.0.0.1 for end-to-end tests: the real Gateway, ModelServer and EP ranks."""
 import contextlib
-import socket
 import time
 
 import httpx
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
-def serve_app(args: dict, port: int, name: str = "epserve"):
-    """Deploy build_app(args) under `name` and yield the base URL; delete the app afterwards."""
+def serve_app(args: dict, url: str, name: str = "epserve"):
+    """Deploy build_app(args) under `name` on the session's Serve (see tests/conftest.py serve_url) and yield the
+    base URL; delete the app afterwards."""
     from ray import serve
 
     from deploy.app import build_app
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(args), name=name, route_prefix="/", blocking=False)
-    url = f"http://127.0.0.1:{port}"
     wait_ready(url)
     try:
         yield url

@@ -10,10 +10,9 @@ from __future__ import annotations
 import time
 
 import torch
-from torch import nn
 
 from model.config import ModelConfig
-from model.moe import swiglu
+from model.moe import LocalExperts, _groups
 
 
 class EPStats:
@@ -30,22 +29,15 @@ class EPStats:
         return counts, seconds
 
 
-class EPExperts(nn.Module):
-    """This rank's S expert slots of one layer, same parameter names and layout as LocalExperts:
-    gate_up_proj [S, H, 2I], gate_up_proj_bias [S, 2I], down_proj [S, I, H], down_proj_bias [S, H]."""
+class EPExperts(LocalExperts):
+    """This rank's S expert slots of one layer: LocalExperts' parameters and expert MLP (grouped GEMM where
+    available), indexed by local slot; which logical expert a slot holds comes from the placement."""
 
     def __init__(self, config: ModelConfig, layer_idx: int, rank: int, ep_size: int, placement, stats: EPStats,
                  dtype: torch.dtype, group=None):
-        super().__init__()
-        S = placement.slots_per_rank
-        H, I = config.hidden_size, config.intermediate_size
+        super().__init__(config, dtype, placement.slots_per_rank, 0)
         self.layer_idx, self.rank, self.ep_size, self.group = layer_idx, rank, ep_size, group
         self.placement, self.stats = placement, stats
-        self.alpha, self.limit = config.swiglu_alpha, config.swiglu_limit
-        self.gate_up_proj = nn.Parameter(torch.empty(S, H, 2 * I, dtype=dtype))
-        self.gate_up_proj_bias = nn.Parameter(torch.empty(S, 2 * I, dtype=dtype))
-        self.down_proj = nn.Parameter(torch.empty(S, I, H, dtype=dtype))
-        self.down_proj_bias = nn.Parameter(torch.empty(S, H, dtype=dtype))
 
     @property
     def num_slots(self) -> int:
@@ -91,16 +83,17 @@ class EPExperts(nn.Module):
 
     def _grouped_mlp(self, x: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
         """x [R, H] rows for local slots `slot` [R] -> expert outputs [R, H] (no routing weight)."""
+        if x.shape[0] == 0:
+            return x.clone()
+        order = torch.argsort(slot, stable=True)                                         # [R] by slot
+        counts = torch.bincount(slot, minlength=self.num_slots)                          # [S]
+        xs = x[order]
+        if self.grouped_ok(x):
+            ys = self._grouped(xs, slot[order], counts)
+        else:
+            ys = torch.cat([self.expert_forward(e, xs[s:s + n]) for e, s, n in _groups(counts.tolist())])
         out = torch.empty_like(x)
-        order = torch.argsort(slot, stable=True)
-        counts = torch.bincount(slot, minlength=self.num_slots).tolist()
-        start = 0
-        for s, n in enumerate(counts):
-            if n:
-                rows = order[start:start + n]
-                h = swiglu(x[rows] @ self.gate_up_proj[s] + self.gate_up_proj_bias[s], self.alpha, self.limit)
-                out[rows] = h @ self.down_proj[s] + self.down_proj_bias[s]
-                start += n
+        out[order] = ys.to(x.dtype)
         return out
 
     def _exchange_counts(self, send_counts: torch.Tensor) -> torch.Tensor:

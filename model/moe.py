@@ -77,21 +77,17 @@ class LocalExperts(nn.Module):
 
     def forward(self, t: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         E, K = self.num_experts, expert_ids.shape[1]
-        ids = (expert_ids - self.first_expert).flatten()                                    # [P] local ids
-        if self.first_expert == 0 and E == self.num_logical_experts:                        # all held: no sync
-            order = torch.argsort(ids, stable=True)                                         # [P] grouped
-            counts = torch.bincount(ids, minlength=E)                                       # [E]
-        else:                                                                               # pairs not held -> E
-            ids = torch.where((ids >= 0) & (ids < E), ids, E)
-            order = torch.argsort(ids, stable=True)
-            counts = torch.bincount(ids, minlength=E + 1)                                   # [E+1]
-            order, counts = order[:len(order) - int(counts[E])], counts[:E]                 # [R] held pairs
-        rows = order // K                                                                   # [R] token of pair
-        if self.grouped_ok(t):
-            y = self._grouped(t.index_select(0, rows), ids[order], counts)                  # [R, H]
+        order, sorted_ids, counts = group_pairs(expert_ids, self.first_expert, E)          # [P], [P], [E]
+        rows = order // K                                                                   # [P] token of pair
+        if self.grouped_ok(t):                                                              # no host sync
+            y = self._grouped(t.index_select(0, rows), sorted_ids.clamp(max=E - 1), counts)  # [P, H]
+            if self.first_expert != 0 or E != self.num_logical_experts:                     # pairs not held -> 0
+                y = torch.where((sorted_ids < E)[:, None], y, 0)
         else:
-            y = torch.cat([self.expert_forward(e, t[rows[s:s + n]])
-                           for e, s, n in _groups(counts.tolist())] or [t[:0]])             # [R, H]
+            groups = _groups(counts.tolist())
+            held = sum(n for _, _, n in groups)
+            order, rows = order[:held], rows[:held]                                         # [R] held pairs
+            y = torch.cat([self.expert_forward(e, t[rows[s:s + n]]) for e, s, n in groups] or [t[:0]])  # [R, H]
         y = y.float().mul_(weights.flatten()[order].float()[:, None])                       # [R, H] fp32
         out = torch.zeros(t.shape, dtype=torch.float32, device=t.device)                    # [T, H]
         return out.index_add_(0, rows, y).to(t.dtype)
@@ -112,6 +108,19 @@ class LocalExperts(nn.Module):
         h = swiglu(gate_up.add_(self.gate_up_proj_bias.index_select(0, expert_of_row)), self.alpha, self.limit)
         y = torch._grouped_mm(h, self.down_proj, offs=offsets)                              # [R, H]
         return y.add_(self.down_proj_bias.index_select(0, expert_of_row))
+
+
+def group_pairs(expert_ids: torch.Tensor, first_expert: int, num_experts: int
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """expert_ids [T, K] (logical) -> (order [P]: pair indices grouped by local expert, stable; sorted local ids
+    [P], pairs not held here = num_experts and last; counts [E] pairs per local expert). No host sync (counts by
+    scatter_add: CUDA's bincount reads its input's range back to the host), so it can run inside a CUDA graph."""
+    E = num_experts
+    ids = (expert_ids - first_expert).flatten()                                         # [P] local ids
+    ids = torch.where((ids >= 0) & (ids < E), ids, E)                                   # not held -> E
+    order = torch.argsort(ids, stable=True)                                             # [P] grouped
+    counts = torch.zeros(E + 1, dtype=torch.long, device=ids.device).scatter_add_(0, ids, torch.ones_like(ids))
+    return order, ids[order], counts[:E]
 
 
 def _groups(counts: list[int]) -> list[tuple[int, int, int]]:

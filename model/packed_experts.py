@@ -1,6 +1,7 @@
 """PackedMXFP4Experts: an expert backend that keeps the experts in the checkpoint's packed MXFP4 form (~4.25 bits
-per weight) and dequantises one hit expert at a time inside the expert computation. Never holds a dense copy of
-all experts. Device-agnostic torch; knows nothing of checkpoints beyond `Checkpoint.packed_experts`.
+per weight): on GPU a fused Triton grouped matmul dequantises in registers, elsewhere a torch loop dequantises one
+hit expert at a time. Never holds a dense copy of all experts; knows nothing of checkpoints beyond
+`Checkpoint.packed_experts`.
 Legend: T=tokens, H=hidden, E=experts (local), K=top-k, I=intermediate, P=T*K pairs, R=held pairs, G=in/32 blocks.
 """
 from __future__ import annotations
@@ -13,7 +14,8 @@ from torch.nn import functional as F
 
 from model import mxfp4
 from model.config import ModelConfig
-from model.moe import swiglu
+from model.moe import group_pairs, swiglu
+from model.mxfp4_kernel import KERNEL_AVAILABLE, mxfp4_grouped_linear
 
 PARTS = ("gate_up_proj", "down_proj")
 PACKED_BYTES_PER_WEIGHT = (mxfp4.BYTES_PER_BLOCK + 1) / mxfp4.BLOCK    # 16 bytes of codes + 1 scale per 32: 17/32
@@ -46,19 +48,20 @@ class PackedMXFP4Experts(nn.Module):
     ("out x in", spec §3.2): `*_blocks` uint8 [E, out, in/32, 16], `*_scales` uint8 [E, out, in/32] and `*_bias`
     [E, out] in the activation dtype, all buffers named as in the checkpoint (so loading is a loop).
 
-    forward(t [T, H], expert_ids [T, K], weights [T, K]) -> [T, H], the `ExpertBackend` seam of model/moe.py:
-    pairs are grouped by expert with one sort; for each expert that received pairs, its two matrices are
-    dequantised into temporaries, then matmul, clamped SwiGLU, matmul; a token's K outputs are summed in fp32 in
-    expert order (as LocalExperts does). Pairs routed to experts not held here contribute nothing.
-
-    TODO(gpu-fused-mxfp4): the per-expert Python loop needs one host sync per layer (`counts.tolist()`) and writes
-    each hit expert's dequantised weights to memory. The GPU fast path is a Triton kernel that reads the packed
-    bytes once and dequantises in registers inside a grouped matmul over the sorted pairs (no sync, CUDA-graph
-    safe), with this torch path beside it as the reference the tests compare it with. Not written yet.
+    forward(t [T, H], expert_ids [T, K], weights [T, K]) -> [T, H], the `ExpertBackend` seam of model/moe.py.
+    Pairs routed to experts not held here contribute nothing. Two paths, equal within fp32 rounding:
+    - kernel (CUDA tensors with triton, or `use_kernel=True`): pairs sorted by expert, then two launches of
+      `mxfp4_grouped_linear` (model/mxfp4_kernel.py), which reads the packed bytes once and dequantises in registers,
+      around clamped SwiGLU. Fixed ops per layer, no host sync, shapes depend only on T and K: CUDA-graph safe.
+    - loop (CPU serving, and the reference): for each expert that received pairs, its two matrices are dequantised
+      into temporaries, then matmul, SwiGLU, matmul. One host sync per layer (`counts.tolist()`).
+    Both sum a token's K outputs in fp32 in expert order (as LocalExperts does). `use_kernel`: None chooses the
+    kernel for CUDA inputs when triton is installed and no autograd is needed; True/False force a path (True on CPU
+    tensors runs Triton's interpreter, for tests).
     """
 
     def __init__(self, config: ModelConfig, dtype: torch.dtype, num_experts: int | None = None,
-                 first_expert: int = 0, layer_idx: int = 0):
+                 first_expert: int = 0, layer_idx: int = 0, use_kernel: bool | None = None):
         super().__init__()
         E = config.num_local_experts if num_experts is None else num_experts
         H, I = config.hidden_size, config.intermediate_size
@@ -70,6 +73,7 @@ class PackedMXFP4Experts(nn.Module):
         self.num_logical_experts = config.num_local_experts       # ids the gate can emit: [0, this)
         self.alpha, self.limit = config.swiglu_alpha, config.swiglu_limit
         self.dtype = dtype
+        self.use_kernel = use_kernel
         for part, rows, cols in (("gate_up_proj", 2 * I, H), ("down_proj", H, I)):
             G = cols // mxfp4.BLOCK
             self.register_buffer(part + "_blocks", torch.empty(E, rows, G, mxfp4.BYTES_PER_BLOCK, dtype=torch.uint8))
@@ -107,12 +111,18 @@ class PackedMXFP4Experts(nn.Module):
         w = self.weight("down_proj", e, x.dtype)                                            # [H, I]
         return F.linear(h, w, self.down_proj_bias[e].to(x.dtype))                           # [n, H]
 
+    def kernel_path(self, t: torch.Tensor) -> bool:
+        """Whether forward(t, ...) runs the fused kernel path (see the class docstring)."""
+        if self.use_kernel is not None:
+            return self.use_kernel
+        return t.is_cuda and KERNEL_AVAILABLE and not (torch.is_grad_enabled() and t.requires_grad)
+
     def forward(self, t: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        if self.kernel_path(t):
+            return self.forward_fused(t, expert_ids, weights)
         E, K = self.num_experts, expert_ids.shape[1]
-        ids = (expert_ids - self.first_expert).flatten()                                    # [P] local ids
-        ids = torch.where((ids >= 0) & (ids < E), ids, E)                                   # not held -> E
-        order = torch.argsort(ids, stable=True)                                             # [P] grouped
-        counts = torch.bincount(ids, minlength=E + 1)[:E].tolist()                          # host sync, per layer
+        order, _, counts = group_pairs(expert_ids, self.first_expert, E)                    # [P], [E]
+        counts = counts.tolist()                                                            # host sync, per layer
         order = order[:sum(counts)]                                                         # [R] held pairs
         rows = order // K                                                                   # [R] token of pair
         outputs, start = [], 0
@@ -122,5 +132,23 @@ class PackedMXFP4Experts(nn.Module):
                 start += n
         y = torch.cat(outputs) if outputs else t.new_zeros(0, t.shape[1])                  # [R, H]
         y = y.float().mul_(weights.flatten()[order].float()[:, None])                       # [R, H] fp32
+        out = torch.zeros(t.shape, dtype=torch.float32, device=t.device)                    # [T, H]
+        return out.index_add_(0, rows, y).to(t.dtype)
+
+    def forward_fused(self, t: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """The kernel path: every op's shape follows from (T, K) and no value is read on the host. All P pairs go
+        through both grouped linears; pairs not held sort after group_ends[-1], where the kernel writes zeros, and
+        their routing weight is zeroed, so they add exactly 0 to their token."""
+        E, K = self.num_experts, expert_ids.shape[1]
+        order, sorted_ids, counts = group_pairs(expert_ids.long(), self.first_expert, E)    # [P], [P], [E]
+        ends = counts.cumsum(0, dtype=torch.int32)                                          # [E] group ends
+        rows = order // K                                                                   # [P] token of pair
+        gate_up = mxfp4_grouped_linear(t.index_select(0, rows), ends, self.gate_up_proj_blocks,
+                                       self.gate_up_proj_scales, self.gate_up_proj_bias)    # [P, 2I]
+        h = swiglu(gate_up, self.alpha, self.limit)                                         # [P, I]
+        y = mxfp4_grouped_linear(h, ends, self.down_proj_blocks, self.down_proj_scales,
+                                 self.down_proj_bias)                                       # [P, H]
+        w = weights.flatten()[order].float().masked_fill_(sorted_ids == E, 0.0)             # [P] fp32
+        y = y.float().mul_(w[:, None])                                                      # [P, H] fp32
         out = torch.zeros(t.shape, dtype=torch.float32, device=t.device)                    # [T, H]
         return out.index_add_(0, rows, y).to(t.dtype)

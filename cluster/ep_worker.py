@@ -65,14 +65,9 @@ class EPWorker:
         model = load_model(self.model_dir, self.dtype, self.device, experts=lambda i: EPExperts(
             config, i, self.rank, self.ep_size, self.placement, self.stats, self.dtype))
         self.experts = [layer.mlp.experts for layer in model.model.layers]
-        self.engine = LLMEngine(model, self.engine_config, eos_token_ids=self.eos_token_ids)
-        self._runs = 0
-        run = self.engine.runner.run
-
-        def counted_run(batch):
-            self._runs += 1
-            return run(batch)
-        self.engine.runner.run = counted_run
+        # No CUDA graphs: the all-to-all takes its split sizes from the host.
+        engine_config = dataclasses.replace(self.engine_config, cuda_graphs=False)
+        self.engine = LLMEngine(model, engine_config, eos_token_ids=self.eos_token_ids)
 
     # ---- requests ----
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
@@ -83,9 +78,9 @@ class EPWorker:
 
     # ---- lockstep ----
     def step(self) -> StepResult:
-        start, runs = time.perf_counter(), self._runs
+        start, forwards = time.perf_counter(), self.engine.runner.forwards
         outputs = self.engine.step()
-        if self._runs == runs:
+        if self.engine.runner.forwards == forwards:
             self._empty_forward()
         counts, a2a = self.stats.take()
         sched = self.engine.scheduler

@@ -36,6 +36,7 @@ class EngineConfig:
     enable_prefix_caching: bool = False
     enable_chunked_prefill: bool = True
     seed: int | None = None                 # seeds the shared generator of unseeded requests
+    cuda_graphs: bool = True                # decode steps as CUDA graphs (CUDA only; off for expert parallelism)
 
 
 class LLMEngine:
@@ -51,7 +52,7 @@ class LLMEngine:
                            sched.max_chunk_tokens, model.dtype, config.enable_prefix_caching)
         self.block_manager = BlockManager(cache)
         self.scheduler = Scheduler(sched, self.block_manager, StopChecker(max_model_len, eos_token_ids, detokenize))
-        self.runner = ModelRunner(model, cache, device)
+        self.runner = ModelRunner(model, cache, device, config.max_num_seqs, max_model_len, config.cuda_graphs)
         self.sampler = Sampler(config.seed)
         self._seq_ids = itertools.count()
         self._index: dict[int, int] = {}                       # seq_id -> index within its request

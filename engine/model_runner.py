@@ -9,9 +9,11 @@ import torch
 
 from engine import config as engine_config
 from engine.config import CacheConfig, max_blocks_spanned
+from engine.decode_graphs import DecodeGraphs
 from engine.scheduled_batch import ScheduledBatch
 from model import paged_attention
 from model.config import ModelConfig
+from model.decode_metadata import DecodeMetadata
 from model.paged_attention import PagedKVCache, PagedMetadata, SeqSpan
 from model.transformer import GptOssForCausalLM
 
@@ -40,16 +42,29 @@ def plan_cache(config: ModelConfig, kv_cache_bytes: int, block_size: int, max_nu
 
 
 class ModelRunner:
-    def __init__(self, model: GptOssForCausalLM, cache_config: CacheConfig, device: torch.device | str):
+    """Decode-only steps (every row one token that samples) take the static-shape decode path: replayed CUDA
+    graphs on CUDA when `cuda_graphs` (sizes up to max_num_seqs, captured at start), else DecodeMetadata eagerly.
+    Steps with prefill chunks take PagedMetadata."""
+
+    def __init__(self, model: GptOssForCausalLM, cache_config: CacheConfig, device: torch.device | str,
+                 max_num_seqs: int = 1, max_model_len: int = 1, cuda_graphs: bool = False):
         self.model = model
         self.device = torch.device(device)
         self.kv_cache = PagedKVCache(model.config, {g: cache_config.num_blocks(g) for g in cache_config.groups},
                                      cache_config.block_size, model.dtype, self.device)
+        self.graphs = None
+        if cuda_graphs and self.device.type == "cuda":
+            self.graphs = DecodeGraphs(model, self.kv_cache, max_num_seqs, max_model_len, self.device)
+            self.graphs.capture_all()
+        self.forwards = 0                                   # forward passes run (EP ranks report it)
 
     @torch.no_grad()
     def run(self, batch: ScheduledBatch) -> torch.Tensor:
         """Forward the batch; logits [R, V] fp32 of the sampling rows' last tokens, in row order."""
+        self.forwards += 1
         spans = [SeqSpan(s.start_position, s.num_tokens, s.block_tables) for s in batch.seqs]
+        if all(s.num_tokens == 1 and s.samples for s in batch.seqs):
+            return self._decode(spans, batch.input_ids())
         metadata = PagedMetadata(self.kv_cache, spans, self.device)
         input_ids = torch.tensor(batch.input_ids(), device=self.device)                    # [T]
         hidden = self.model(input_ids, metadata.positions, metadata)                        # [T, H]
@@ -61,3 +76,10 @@ class ModelRunner:
         if len(rows) < hidden.shape[0]:                   # else every row samples (a decode-only step): no gather
             hidden = hidden[torch.tensor(rows, dtype=torch.long, device=self.device)]       # [R, H]
         return self.model.compute_logits(hidden)                                            # [R, V]
+
+    def _decode(self, spans: list[SeqSpan], token_ids: list[int]) -> torch.Tensor:
+        if self.graphs is not None and len(spans) <= self.graphs.max_size:
+            return self.graphs.run(spans, token_ids)                                        # [N, V]
+        metadata = DecodeMetadata.for_step(self.kv_cache, spans, token_ids, self.device)
+        hidden = self.model(metadata.input_ids, metadata.positions, metadata)               # [N, H]
+        return self.model.compute_logits(hidden)                                            # [N, V]

@@ -1,0 +1,99 @@
+"""DecodeMetadata: the attention metadata of a decode-only step (one new token per sequence) with static shapes.
+
+Every index the step needs (input ids, positions, KV write slots, the block-table columns each layer group reads,
+key counts) lives in one int64 device buffer filled by one host-to-device copy (through pinned memory on CUDA, so
+the copy does not block the host). Shapes depend only on (rows, table columns), never on the data, and nothing
+in `attend` reads a value back to the host, so a decode forward over this metadata can be captured in a CUDA graph
+and replayed with new contents (engine/decode_graphs.py). Rows past the step's sequences are padding: they read no
+keys (seq_len 0) and write their keys to the cache's scratch slot.
+Legend: N=rows (sequences + padding), M=block-table columns of a group, B=block size, n=query heads, D=head_dim.
+"""
+from __future__ import annotations
+
+import torch
+
+from model.decode_attention import paged_decode_attention
+from model.paged_attention import SLIDING, PagedKVCache, SeqSpan
+
+
+def table_columns(cache: PagedKVCache, max_len: int) -> dict[str, int]:
+    """Block-table columns each group needs for queries at positions < max_len: a full-attention layer reads
+    every block up to the query, a sliding one at most the blocks its window spans (from `table_start`)."""
+    B, cols = cache.block_size, {}
+    for group, window in zip(cache.groups, cache.windows):
+        span = min(max_len, window) if group == SLIDING and window is not None else max_len
+        cols[group] = max(1, (span + B - 2) // B + 1) if group == SLIDING else max(1, -(-max_len // B))
+    return cols
+
+
+class DecodeMetadata:
+    """Static buffers for `num_rows` decode rows; `fill` writes a step into them, `attend` is the
+    `AttentionMetadata` seam (model/attention.py)."""
+
+    def __init__(self, cache: PagedKVCache, num_rows: int, columns: dict[str, int], device: torch.device | str):
+        self.cache, self.num_rows, self.columns = cache, num_rows, dict(columns)
+        self.device = torch.device(device)
+        self.groups = sorted(set(cache.groups))
+        N = num_rows
+        sizes = [("input_ids", N), ("positions", N), ("seq_lens", N)]
+        for g in self.groups:
+            sizes += [(f"write.{g}", N), (f"start.{g}", N), (f"tables.{g}", N * columns[g])]
+        self.buffer = torch.zeros(sum(n for _, n in sizes), dtype=torch.long, device=self.device)     # [F]
+        self._host = self.buffer if self.device.type != "cuda" else torch.zeros_like(self.buffer, device="cpu",
+                                                                                      pin_memory=True)
+        views, at = {}, 0
+        for name, n in sizes:
+            views[name], at = (at, n), at + n
+        self._layout = views
+        view = lambda name: self.buffer[views[name][0]:views[name][0] + views[name][1]]     # noqa: E731
+        self.input_ids, self.positions, self.seq_lens = view("input_ids"), view("positions"), view("seq_lens")
+        self.write = {g: view(f"write.{g}") for g in self.groups}                                   # [N]
+        self.table_start = {g: view(f"start.{g}") for g in self.groups}                             # [N]
+        self.tables = {g: view(f"tables.{g}").view(N, columns[g]) for g in self.groups}              # [N, M]
+
+    @classmethod
+    def for_step(cls, cache: PagedKVCache, spans: list[SeqSpan], token_ids: list[int],
+                 device: torch.device | str) -> DecodeMetadata:
+        """Buffers sized to this step alone (eager decode: no padding, columns up to the longest sequence)."""
+        metadata = cls(cache, len(spans), table_columns(cache, max(s.start + 1 for s in spans)), device)
+        metadata.fill(spans, token_ids)
+        return metadata
+
+    def fill(self, spans: list[SeqSpan], token_ids: list[int]) -> None:
+        """Write a step's rows (spans of one token each, in row order) and pad the rest; one host-to-device copy.
+
+        The pinned staging buffer is reused: the caller must have synchronised with the previous step's copy
+        (the engine does, reading the sampled tokens back) before filling again.
+        """
+        if len(spans) > self.num_rows or any(s.num_tokens != 1 for s in spans):
+            raise ValueError(f"DecodeMetadata holds {self.num_rows} single-token rows, got "
+                             f"{[s.num_tokens for s in spans]}")
+        B, pad = self.cache.block_size, self.num_rows - len(spans)
+        values = {"input_ids": list(token_ids) + [0] * pad, "positions": [s.start for s in spans] + [0] * pad,
+                  "seq_lens": [s.start + 1 for s in spans] + [0] * pad}
+        for g, window in {g: w for g, w in zip(self.cache.groups, self.cache.windows)}.items():
+            M, scratch = self.columns[g], self.cache.scratch_slot(g)
+            starts = [0 if g != SLIDING or window is None else max(0, s.start + 1 - window) // B for s in spans]
+            tables = []
+            for s, first in zip(spans, starts):
+                row = [max(b, 0) for b in s.block_tables[g][first:first + M]]
+                tables += row + [0] * (M - len(row))
+            values[f"write.{g}"] = [s.block_tables[g][s.start // B] * B + s.start % B for s in spans] + [scratch] * pad
+            values[f"start.{g}"] = starts + [0] * pad
+            values[f"tables.{g}"] = tables + [0] * (pad * M)
+        flat = [v for name in self._layout for v in values[name]]
+        host = torch.tensor(flat, dtype=torch.long)
+        if self._host is self.buffer:
+            self.buffer.copy_(host)
+        else:
+            self._host.copy_(host)
+            self.buffer.copy_(self._host, non_blocking=True)
+
+    def attend(self, layer_idx, q, k, v, sinks, window, sm_scale):
+        """Write the rows' k/v into the layer's cache (padding -> scratch slot), then decode attention."""
+        group = self.cache.groups[layer_idx]
+        k_heads, v_heads = self.cache.k_heads[layer_idx], self.cache.v_heads[layer_idx]          # [k, slots, D]
+        k_heads.index_copy_(1, self.write[group], k.transpose(0, 1).to(k_heads.dtype))
+        v_heads.index_copy_(1, self.write[group], v.transpose(0, 1).to(v_heads.dtype))
+        return paged_decode_attention(q, k_heads, v_heads, self.tables[group], self.table_start[group],
+                                      self.seq_lens, sinks, window, sm_scale, self.cache.block_size)

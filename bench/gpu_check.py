@@ -25,6 +25,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))           # run as a script from anywhere
 
+from bench import fast_path_check                                      # noqa: E402
+from bench.device_stats import free_bytes, measure_bandwidth, prompts, sync  # noqa: E402
+from bench.hf_baseline import measure_transformers                     # noqa: E402
 from bench.roofline import BYTES_PER_TOKEN_FORMULA, bytes_per_token    # noqa: E402
 from engine.engine import EngineConfig, LLMEngine                       # noqa: E402
 from engine.model_runner import plan_cache                              # noqa: E402
@@ -58,31 +61,6 @@ class Plan:
 FULL_PLAN = Plan(models=(("gpt-oss-20b", REAL_20B), ("gpt-oss-120b", REAL_120B)))
 TINY_PLAN = Plan(models=(("tiny", TINY),), prompt_tokens=16, decode_steps=4, ttft_prompt_tokens=64,
                  bandwidth_bytes=16 << 20)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def free_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")                       # free RAM
-
-
-def measure_bandwidth(device: torch.device, num_bytes: int, repeats: int = 5) -> float:
-    """Bytes/s (read + written) of a device-to-device copy, best of `repeats` after a warm-up."""
-    src = torch.ones(num_bytes // 2, dtype=torch.bfloat16, device=device)
-    dst = torch.empty_like(src)
-    times = []
-    for _ in range(repeats + 1):
-        _sync(device)
-        start = time.perf_counter()
-        dst.copy_(src)
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return 2 * src.nbytes / min(times[1:])
 
 
 def meta_model(spec: tiny.TinySpec, dtype: torch.dtype) -> GptOssForCausalLM:
@@ -121,31 +99,7 @@ def materialise(model: GptOssForCausalLM, device: torch.device, seed: int = 0) -
     return model.eval().requires_grad_(False)
 
 
-def build_transformers(spec: tiny.TinySpec, ours: GptOssForCausalLM, dtype: torch.dtype, device: torch.device):
-    """transformers' GptOssForCausalLM (eager attention) with our weights; experts dequantised to `dtype`."""
-    from transformers import GptOssConfig, GptOssForCausalLM as HFModel
-    d = tiny.hf_config(spec, None)
-    d.pop("quantization_config")
-    with torch.device(device):                        # built in `dtype` on the device: no fp32 copy anywhere
-        hf = HFModel._from_config(GptOssConfig.from_dict(d), dtype=dtype, attn_implementation="eager")
-    ours_params = dict(ours.named_parameters())
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if name in ours_params:
-                p.copy_(ours_params[name])
-            elif ".mlp.experts." in name and name.endswith("_proj"):
-                backend_name, part = name.rsplit(".", 1)
-                backend = ours.get_submodule(backend_name)
-                for e in range(backend.num_experts):
-                    p[e].copy_(backend.weight(part, e, dtype).T)                      # [in, out]
-            elif ".mlp.experts." in name:
-                p.copy_(ours.get_buffer(name))                                         # expert biases
-            else:
-                raise KeyError(f"transformers parameter {name} has no counterpart in our model")
-    return hf.eval().requires_grad_(False)
-
-
-def make_engine(model: GptOssForCausalLM, plan: Plan) -> LLMEngine:
+def make_engine(model: GptOssForCausalLM, plan: Plan, cuda_graphs: bool = True) -> LLMEngine:
     """An engine that prefills every decode batch, and the TTFT prompt, in one step (so all sequences start
     decoding together), with KV pools for the largest batch or the TTFT prompt, whichever needs more."""
     block, batch = 16, max(plan.batches)
@@ -158,12 +112,7 @@ def make_engine(model: GptOssForCausalLM, plan: Plan) -> LLMEngine:
     kv = (sliding.num_sliding_blocks * PagedKVCache.bytes_per_block(cfg, block, dtype, SLIDING)
           + full_blocks * PagedKVCache.bytes_per_block(cfg, block, dtype, FULL))
     return LLMEngine(model, EngineConfig(max_num_seqs=batch, max_num_batched_tokens=budget, block_size=block,
-                                         max_model_len=max_len, kv_cache_bytes=kv))
-
-
-def prompts(count: int, length: int, vocab: int, seed: int) -> list[list[int]]:
-    """`count` random prompts of `length` ids, the same for both implementations."""
-    return torch.randint(0, vocab, (count, length), generator=torch.Generator().manual_seed(seed)).tolist()
+                                         max_model_len=max_len, kv_cache_bytes=kv, cuda_graphs=cuda_graphs))
 
 
 def decode_ours(engine: LLMEngine, batch: list[list[int]], steps: int) -> tuple[float, list[list[int]]]:
@@ -176,14 +125,14 @@ def decode_ours(engine: LLMEngine, batch: list[list[int]], steps: int) -> tuple[
     tokens: dict[str, list[int]] = {}
     while len(tokens) < len(ids):                                          # prefill, possibly chunked
         tokens.update((o.request_id, o.output_token_ids) for o in engine.step())
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     for _ in range(steps):
         outputs = engine.step()
         if len(outputs) != len(ids):
             raise RuntimeError(f"a timed step advanced {len(outputs)} of {len(ids)} sequences")
         tokens.update((o.request_id, o.output_token_ids) for o in outputs)
-    _sync(device)
+    sync(device)
     seconds = time.perf_counter() - start
     for rid in ids:
         engine.abort(rid)
@@ -192,29 +141,13 @@ def decode_ours(engine: LLMEngine, batch: list[list[int]], steps: int) -> tuple[
 
 def ttft_ours(engine: LLMEngine, prompt: list[int]) -> float:
     device, rid = engine.runner.device, f"gpu-check-{next(_ids)}"
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     engine.add_request(rid, prompt, SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True))
     while not engine.step():
         pass
-    _sync(device)
+    sync(device)
     return time.perf_counter() - start
-
-
-def generate_hf(hf, batch: list[list[int]], new_tokens: int) -> tuple[list[float], list[list[int]]]:
-    """Greedy generate() without padding: [start, then the time each forward's logits were ready], the tokens."""
-    from transformers import LogitsProcessorList
-    ids = torch.tensor(batch, device=hf.device)                                             # [B, P]
-    _sync(hf.device)
-    times = [time.perf_counter()]
-
-    def stamp(input_ids, scores):                     # a logits processor that only records the clock
-        _sync(hf.device)
-        times.append(time.perf_counter())
-        return scores
-    out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
-                      eos_token_id=None, pad_token_id=0, logits_processor=LogitsProcessorList([stamp]))
-    return times, out[:, ids.shape[1]:].tolist()                                              # [B, new]
 
 
 def roofline_packed(cfg: ModelConfig, dtype: torch.dtype, positions: range, tok_s: float, bandwidth: float) -> dict:
@@ -226,26 +159,6 @@ def roofline_packed(cfg: ModelConfig, dtype: torch.dtype, positions: range, tok_
     return {"bytes_per_token_mb": round(per_token / 1e6, 3), "decode_tok_s": round(tok_s, 2),
             "achieved_gb_s": round(tok_s * per_token / 1e9, 3), "roofline_tok_s": round(bandwidth / per_token, 2),
             "fraction": round(tok_s * per_token / bandwidth, 4)}
-
-
-def measure_transformers(spec, ours, plan: Plan, dtype, device, ours_tokens: dict) -> dict:
-    cfg, elem = ours.config, torch.empty((), dtype=dtype).element_size()
-    need = (sum(p.nbytes for p in ours.parameters()) + cfg.num_hidden_layers * cfg.num_local_experts
-            * 3 * cfg.hidden_size * cfg.intermediate_size * elem)
-    free = free_bytes(device)
-    if need + (4 << 30) * (device.type == "cuda") > free:
-        return {"skipped": f"dequantised {dtype} weights need {need / 1e9:.1f} GB, {free / 1e9:.1f} GB free"}
-    hf = build_transformers(spec, ours, dtype, device)
-    generate_hf(hf, prompts(1, plan.prompt_tokens, cfg.vocab_size, seed=99), 3)              # warm-up
-    out = {"experts_implementation": getattr(hf.config, "_experts_implementation", None), "decode": {}}
-    for b in plan.batches:
-        times, toks = generate_hf(hf, prompts(b, plan.prompt_tokens, cfg.vocab_size, seed=b), plan.decode_steps + 1)
-        tok_s = b * plan.decode_steps / (times[-1] - times[1])                               # decode forwards only
-        same = sum(a == o for a, o in zip(toks, ours_tokens[b])) / b
-        out["decode"][str(b)] = {"tok_s": round(tok_s, 2), "greedy_match": round(same, 3)}
-    times = [generate_hf(hf, prompts(1, plan.ttft_prompt_tokens, cfg.vocab_size, seed=7), 1)[0] for _ in range(2)]
-    out["ttft_s"] = round(min(t[1] - t[0] for t in times), 4)                             # first one warms up
-    return out
 
 
 def measure_model(spec: tiny.TinySpec, plan: Plan, dtype, device, bandwidth: float) -> dict:
@@ -274,10 +187,32 @@ def measure_model(spec: tiny.TinySpec, plan: Plan, dtype, device, bandwidth: flo
     out["ttft_s"] = round(min(ttft_ours(engine, long) for _ in range(3)), 4)              # first one warms up
     del engine
     gc.collect()
+    out["checks"] = fast_path_checks(model, plan, tokens)
     logger.info("transformers baseline")
     out["transformers"] = measure_transformers(spec, model, plan, dtype, device, tokens)
     for b, row in out["transformers"].get("decode", {}).items():
         out["decode"][b]["speedup_vs_transformers"] = round(out["decode"][b]["tok_s"] / row["tok_s"], 3)
+    return out
+
+
+def fast_path_checks(model: GptOssForCausalLM, plan: Plan, graph_tokens: dict) -> dict:
+    """Kernels against their reference paths at these shapes; on CUDA, eager decode (no graphs) timed and its
+    greedy tokens compared with the graph-replayed ones."""
+    device = next(model.parameters()).device
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return {"skipped": "the Triton kernels need CUDA (or TRITON_INTERPRET=1 on CPU)"}
+    out = {"packed_experts": fast_path_check.check_packed_experts(model),
+           "decode_attention": fast_path_check.check_decode_attention(model, plan.ttft_prompt_tokens)}
+    if device.type == "cuda":
+        engine = make_engine(model, plan, cuda_graphs=False)
+        P, V, b = plan.prompt_tokens, model.config.vocab_size, min(8, max(plan.batches))
+        decode_ours(engine, prompts(1, P, V, seed=99), 2)                                   # warm-up
+        out["eager_decode_tok_s"] = {str(n): round(decode_ours(engine, prompts(n, P, V, seed=n),
+                                                                plan.decode_steps)[0], 2) for n in (1, b)}
+        eager_tokens = decode_ours(engine, prompts(b, P, V, seed=b), plan.decode_steps)[1]
+        out["cuda_graph_tokens"] = fast_path_check.check_graph_tokens(graph_tokens[b], eager_tokens)
+        del engine
+        gc.collect()
     return out
 
 

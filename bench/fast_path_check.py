@@ -1,0 +1,75 @@
+"""The GPU benchmark's correctness checks: each fast path against the path the CPU tests pin down, at the model's
+real shapes, on the device being measured (the CPU tests cover the same code on tiny shapes).
+
+- packed MXFP4 experts: the fused kernel (dequantised in registers, grouped over the routed pairs) against the
+  per-expert dequantise-then-matmul loop, on one layer with real routing;
+- decode attention: the Triton kernel against the torch gather path, sinks and sliding window, ragged lengths;
+- CUDA graphs: greedy tokens of graph-replayed decode steps against eager decode steps.
+Errors are reported relative to the reference's largest magnitude; nothing here asserts (the JSON shows it).
+"""
+from __future__ import annotations
+
+import torch
+
+from model.decode_attention import paged_decode_attention
+from model.moe import route
+from model.packed_experts import PackedMXFP4Experts
+from model.transformer import GptOssForCausalLM
+
+
+def _rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((got.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-30))
+
+
+@torch.no_grad()
+def check_packed_experts(model: GptOssForCausalLM, tokens: int = 64, seed: int = 0) -> dict:
+    """Layer 0's experts on `tokens` random hidden states routed by the layer's own router: kernel vs loop."""
+    layer = model.model.layers[0]
+    experts: PackedMXFP4Experts = layer.mlp.experts
+    device, H = experts.gate_up_proj_blocks.device, model.config.hidden_size
+    g = torch.Generator(device=device).manual_seed(seed)
+    out = {}
+    for T in (1, tokens):
+        t = torch.randn(T, H, generator=g, device=device, dtype=model.dtype)
+        weights, ids = route(layer.mlp.router(t), layer.mlp.top_k)
+        saved = experts.use_kernel
+        try:
+            experts.use_kernel = True
+            fast = experts(t, ids, weights)
+            experts.use_kernel = False
+            ref = experts(t, ids, weights)
+        finally:
+            experts.use_kernel = saved
+        out[f"tokens_{T}_rel_err"] = _rel_err(fast, ref)
+    return out
+
+
+@torch.no_grad()
+def check_decode_attention(model: GptOssForCausalLM, max_len: int, seed: int = 0) -> dict:
+    """Random q and a shuffled paged cache at the model's head shapes, ragged lengths up to max_len + 1: Triton
+    kernel vs torch gather path."""
+    cfg, device, dtype = model.config, next(model.parameters()).device, model.dtype
+    n, kv, D, B = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, 16
+    g = torch.Generator(device=device).manual_seed(seed)
+    lens = torch.tensor(sorted({1, 17, max_len // 3, max_len, max_len + 1}), device=device)
+    M = -(-int(lens.max()) // B)
+    N = len(lens)
+    blocks = N * M
+    perm = torch.randperm(blocks, generator=g, device=device).view(N, M)
+    k = torch.randn(kv, blocks * B, D, generator=g, device=device, dtype=dtype)
+    v = torch.randn(kv, blocks * B, D, generator=g, device=device, dtype=dtype)
+    q = torch.randn(N, n, D, generator=g, device=device, dtype=dtype)
+    sinks = model.model.layers[0].self_attn.sinks
+    out = {}
+    for window in (None, cfg.sliding_window):
+        start = torch.zeros(N, dtype=torch.long, device=device)
+        args = (q, k, v, perm, start, lens, sinks, window, D ** -0.5, B)
+        fast = paged_decode_attention(*args, impl="triton")
+        ref = paged_decode_attention(*args, impl="torch")
+        out[f"window_{window}_rel_err"] = _rel_err(fast, ref)
+    return out
+
+
+def check_graph_tokens(graph_tokens: list[list[int]], eager_tokens: list[list[int]]) -> dict:
+    same = sum(a == b for a, b in zip(graph_tokens, eager_tokens))
+    return {"sequences": len(graph_tokens), "identical_greedy_sequences": same}

@@ -76,10 +76,15 @@ class _Part:
         whole = is_step and all(s.num_tokens == Q for s in spans)
         j = torch.arange(Q, device=device)                                                      # [Q]
         self.valid = j < num[:, None]                                                           # [N, Q]
-        self.rows = self.out_rows = None
+        self.rows = self.out_rows = self.keep = None
         if not whole:
             rows = torch.tensor(first_rows, device=device)[:, None] + j                         # [N, Q]
-            self.rows, self.out_rows = torch.where(self.valid, rows, 0), rows[self.valid]       # [N, Q], [R]
+            self.rows = torch.where(self.valid, rows, 0)                                        # [N, Q]
+            # Real queries' indices, from the host's lists (a boolean mask would read back to the host).
+            keep = [i * Q + q for i, s in enumerate(spans) for q in range(s.num_tokens)]
+            self.keep = torch.tensor(keep, device=device)                                       # [R] into N*Q
+            self.out_rows = torch.tensor([r + q for r, s in zip(first_rows, spans) for q in range(s.num_tokens)],
+                                         device=device)                                         # [R]
         self.q_pos = torch.tensor([s.start for s in spans], device=device)[:, None] + j        # [N, Q]
         B = cache.block_size
         self.keys = {g: _keys(spans, g, w, self.q_pos, B, device)
@@ -156,4 +161,4 @@ class PagedMetadata:
         vh = v_heads.index_select(1, read.flatten()).view(kv, N, -1, D)
         o = sink_attention_heads(qh, kh, vh, sinks, bias, sm_scale)                             # [k, N, g, Q, D]
         o = o.permute(1, 3, 0, 2, 4).reshape(N * Q, n, D)                                       # [N*Q, n, D]
-        return o if part.rows is None else o[part.valid.flatten()]
+        return o if part.rows is None else o.index_select(0, part.keep)

@@ -123,3 +123,23 @@ def test_decode_forward_never_reads_back_to_the_host(tiny_model, ragged_prompts,
     assert guard.ops > 100
     expected = paged_decode(runner)(_spans(batch), batch.input_ids())   # cache already holds this step's k/v
     torch.testing.assert_close(logits[:num_rows], expected, rtol=0, atol=1e-5)
+
+
+def test_mixed_step_forward_never_reads_back_to_the_host(tiny_model, ragged_prompts):
+    """Prefill chunks + decodes (PagedMetadata): once the step's metadata is built, the forward does not sync
+    either (no boolean-mask gathers per layer), so the host can queue a whole step ahead of the GPU."""
+    engine = LLMEngine(tiny_model, CONFIG)
+    for i in range(3):
+        engine.add_request(f"r{i}", ragged_prompts[10 + i], SamplingParams(temperature=0.0, max_tokens=8,
+                                                                           ignore_eos=True))
+    engine.step()
+    engine.add_request("late", ragged_prompts[20], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
+    batch = engine.scheduler.schedule()
+    sizes = [s.num_tokens for s in batch.seqs]
+    assert 1 in sizes and max(sizes) > 1, sizes                              # decodes and a prefill chunk
+    runner = engine.runner
+    metadata = PagedMetadata(runner.kv_cache, _spans(batch), runner.device)
+    ids = torch.tensor(batch.input_ids())
+    with HostSyncGuard() as guard:
+        hidden = tiny_model(ids, metadata.positions, metadata)
+    assert guard.ops > 100 and hidden.shape == (len(ids), tiny_model.config.hidden_size)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from model.decode_attention import paged_decode_attention
+from model.decode_attention import KERNEL_AVAILABLE, decode_plan, paged_decode_attention
 from model.paged_attention import SLIDING, PagedKVCache, SeqSpan
 
 
@@ -33,6 +33,8 @@ class DecodeMetadata:
     def __init__(self, cache: PagedKVCache, num_rows: int, columns: dict[str, int], device: torch.device | str):
         self.cache, self.num_rows, self.columns = cache, num_rows, dict(columns)
         self.device = torch.device(device)
+        self.impl = "triton" if KERNEL_AVAILABLE and self.device.type == "cuda" else "torch"
+        self._plans: dict = {}                      # torch path: (group, window) -> decode_plan, per fill
         self.groups = sorted(set(cache.groups))
         N = num_rows
         sizes = [("input_ids", N), ("positions", N), ("seq_lens", N)]
@@ -81,6 +83,7 @@ class DecodeMetadata:
             values[f"write.{g}"] = [s.block_tables[g][s.start // B] * B + s.start % B for s in spans] + [scratch] * pad
             values[f"start.{g}"] = starts + [0] * pad
             values[f"tables.{g}"] = tables + [0] * (pad * M)
+        self._plans.clear()
         flat = [v for name in self._layout for v in values[name]]
         host = torch.tensor(flat, dtype=torch.long)
         if self._host is self.buffer:
@@ -95,5 +98,12 @@ class DecodeMetadata:
         k_heads, v_heads = self.cache.k_heads[layer_idx], self.cache.v_heads[layer_idx]          # [k, slots, D]
         k_heads.index_copy_(1, self.write[group], k.transpose(0, 1).to(k_heads.dtype))
         v_heads.index_copy_(1, self.write[group], v.transpose(0, 1).to(v_heads.dtype))
-        return paged_decode_attention(q, k_heads, v_heads, self.tables[group], self.table_start[group],
-                                      self.seq_lens, sinks, window, sm_scale, self.cache.block_size)
+        args = (self.tables[group], self.table_start[group], self.seq_lens)
+        plan = None
+        if self.impl == "torch":                    # masks and read slots once per group, not once per layer
+            if (group, window) not in self._plans:
+                B = self.cache.block_size
+                self._plans[group, window] = decode_plan(*args, window, B, k_heads.shape[1] // B)
+            plan = self._plans[group, window]
+        return paged_decode_attention(q, k_heads, v_heads, *args, sinks, window, sm_scale, self.cache.block_size,
+                                      impl=self.impl, plan=plan)

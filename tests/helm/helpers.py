@@ -117,6 +117,25 @@ def serve_args(rayservice: dict) -> dict:
     return app["args"]
 
 
+MODEL_SERVER = "ModelServer"  # the name deploy/app.py's build_app gives the model deployment
+
+
+def scaling_override(rayservice: dict) -> dict:
+    """The application's `deployments:` entry for ModelServer (its replicas), without the name."""
+    (app,) = serve_config(rayservice)["applications"]
+    (override,) = app["deployments"]
+    assert override["name"] == MODEL_SERVER, override
+    return {k: v for k, v in override.items() if k != "name"}
+
+
+def replica_bounds(rayservice: dict) -> tuple[int, int]:
+    """(fewest, most) ModelServer replicas the Serve config asks for."""
+    override = scaling_override(rayservice)
+    if "autoscaling_config" in override:
+        return override["autoscaling_config"]["min_replicas"], override["autoscaling_config"]["max_replicas"]
+    return override["num_replicas"], override["num_replicas"]
+
+
 def worker_groups(rayservice: dict) -> list[dict]:
     return rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"]
 

@@ -1,6 +1,7 @@
 """The Helm chart, offline: renders and lints for the defaults and every ci/ values file; built-in kinds validate
 (kubernetes-validate, strict); the RayService validates against the KubeRay CRD (unknown fields rejected); its Serve
-config builds the project's app with AppArgs; GPUs requested = replicas x epSize."""
+config builds the project's app with AppArgs, its replicas sit in the ModelServer `deployments:` override (so scaling
+never changes import_path or args, and Serve scales in place); GPUs requested = replicas x epSize."""
 import hashlib
 import importlib
 
@@ -9,11 +10,13 @@ import pytest
 
 from deploy.app_config import AppArgs
 from tests.helm.helpers import (
-    CHART_DIR, CI_VALUES, KUBE_VERSION, SHARED_CRD, VENDORED_CRD, case_values, gpus_per_pod, merged_values, notes,
-    only, pod_templates, render, rayservice_validator, serve_args, serve_config, validate_builtin, worker_groups)
+    CHART_DIR, CI_VALUES, KUBE_VERSION, MODEL_SERVER, SHARED_CRD, VENDORED_CRD, case_values, gpus_per_pod,
+    merged_values, notes, only, pod_templates, render, rayservice_validator, replica_bounds, scaling_override,
+    serve_args, serve_config, validate_builtin, worker_groups)
 
 CASES = ["default"] + [p.name for p in CI_VALUES]
 CUSTOM_KINDS = {"RayService", "PodMonitor"}
+SCALING_ARGS = {"num_replicas", "autoscaling"}  # AppArgs fields the chart leaves to their defaults (see below)
 
 
 def test_ci_values_cover_the_required_scenarios():
@@ -109,12 +112,17 @@ def test_vendored_crd_is_the_shared_one():
 def test_serve_config_args_parse_into_app_args(case):
     from ray.serve.schema import ServeDeploySchema
     config = serve_config(only(render(case_values(case)), "RayService"))
-    ServeDeploySchema.model_validate(config)  # the document `serve deploy` / KubeRay submit
+    schema = ServeDeploySchema.model_validate(config)  # the document `serve deploy` / KubeRay submit
     (app,) = config["applications"]
     assert (app["import_path"], app["route_prefix"], config["http_options"]["port"]) == (
         "deploy.app:build_app", "/", 8000)
     args = AppArgs.model_validate(app["args"])
     assert (args.device, args.dtype, args.model) == ("cuda", "bfloat16", "/model")
+    assert not SCALING_ARGS & set(app["args"]), "replicas belong to the deployments override, not to args"
+    (override,) = schema.applications[0].deployments  # Serve's DeploymentSchema accepted the override
+    assert override.name == MODEL_SERVER
+    assert override.model_dump(exclude_unset=True).keys() in ({"name", "num_replicas"},
+                                                             {"name", "autoscaling_config"})
 
 
 def test_import_path_resolves_to_the_app_builder():
@@ -134,38 +142,103 @@ def test_serve_args_are_the_values_in_snake_case(case):
         for key, value in values[section].items():
             snake = "".join(f"_{c.lower()}" if c.isupper() else c for c in key)
             assert args[snake] == value and type(args[snake]) is type(value), (section, key, args.get(snake))
-    if values["autoscaling"]["enabled"]:
-        assert "num_replicas" not in args
-        assert args["autoscaling"] == {"min_replicas": values["autoscaling"]["minReplicas"],
-                                       "max_replicas": values["autoscaling"]["maxReplicas"],
-                                       "target_ongoing_requests": values["autoscaling"]["targetOngoingRequests"]}
-    else:
-        assert args["num_replicas"] == values["numReplicas"] and "autoscaling" not in args
+    assert not SCALING_ARGS & set(args)
     assert args.get("api_keys_env") == (values["apiKeys"]["envName"] if values["apiKeys"]["enabled"] else None)
     assert "api_keys" not in args, "keys must only travel through the Secret"
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_replicas_render_into_the_model_server_deployment_override(case):
+    values = merged_values(case_values(case))
+    override = scaling_override(only(render(case_values(case)), "RayService"))
+    if values["autoscaling"]["enabled"]:
+        assert override == {"autoscaling_config": {
+            "min_replicas": values["autoscaling"]["minReplicas"],
+            "max_replicas": values["autoscaling"]["maxReplicas"],
+            "target_ongoing_requests": values["autoscaling"]["targetOngoingRequests"]}}
+    else:
+        assert override == {"num_replicas": values["numReplicas"]}
+
+
+def test_autoscaling_override_has_the_fields_of_app_args_autoscaling():
+    from deploy.app_config import AutoscalingArgs
+    override = scaling_override(only(render(case_values("autoscaling-values.yaml")), "RayService"))
+    assert set(override["autoscaling_config"]) == set(AutoscalingArgs.model_fields)
+
+
+def test_model_server_is_the_deployment_build_app_creates():
+    # The override names a deployment of the built application, else Serve rejects the config ("does not exist").
+    from ray.serve._private.build_app import build_app as build_serve_app
+
+    from deploy.app import build_app
+    built = build_serve_app(build_app({"model": "demo", "device": "cuda", "ep_size": 8}), name="epserve")
+    assert MODEL_SERVER in {d.name for d in built.deployments}
+
+
+def _app(values: dict) -> dict:
+    (app,) = serve_config(only(render(values), "RayService"))["applications"]
+    return app
+
+
+def _cluster_without_pod_counts(values: dict) -> dict:
+    """The RayService's cluster part minus the worker-group pod counts (the Ray autoscaler's to change)."""
+    cluster = only(render(values), "RayService")["spec"]["rayClusterConfig"]
+    for group in cluster["workerGroupSpecs"]:
+        for key in ("replicas", "minReplicas", "maxReplicas"):
+            group.pop(key)
+    return cluster
+
+
+@pytest.mark.parametrize("before, after", [
+    ({"numReplicas": 1}, {"numReplicas": 3}),
+    ({"autoscaling": {"enabled": True, "minReplicas": 1, "maxReplicas": 4}},
+     {"autoscaling": {"enabled": True, "minReplicas": 2, "maxReplicas": 6, "targetOngoingRequests": 8}}),
+], ids=["num-replicas", "autoscaling-bounds"])
+def test_scaling_upgrade_changes_only_the_deployments_override(before, after):
+    """Serve rebuilds the application and restarts every replica when its code version changes: a hash of import_path,
+    runtime_env, args and a few deployment options, not num_replicas nor the autoscaling bounds
+    (deploy_utils.get_app_code_version). A helm upgrade that only scales must leave it alone."""
+    from ray.serve._private.deploy_utils import get_app_code_version
+    from ray.serve.schema import ServeApplicationSchema
+    base = {"rayAutoscaler": {"maxWorkerPods": 8}}
+    old, new = _app({**base, **before}), _app({**base, **after})
+    assert old["deployments"] != new["deployments"]
+    assert {k: v for k, v in old.items() if k != "deployments"} == {k: v for k, v in new.items() if k != "deployments"}
+    assert (old["import_path"], old["args"]) == (new["import_path"], new["args"])
+    assert get_app_code_version(ServeApplicationSchema(**old)) == get_app_code_version(ServeApplicationSchema(**new))
+    assert _cluster_without_pod_counts({**base, **before}) == _cluster_without_pod_counts({**base, **after})
+
+
+def test_switching_autoscaling_on_is_a_redeploy():
+    # What the README says: Ray 2.60 hashes a deployment's autoscaling policy into the code version, so turning
+    # autoscaling on or off (unlike changing numReplicas or the bounds) rebuilds the application.
+    from ray.serve._private.deploy_utils import get_app_code_version
+    from ray.serve.schema import ServeApplicationSchema
+    fixed, auto = _app({"numReplicas": 1}), _app({"autoscaling": {"enabled": True}})
+    assert fixed["args"] == auto["args"]
+    assert get_app_code_version(ServeApplicationSchema(**fixed)) != get_app_code_version(ServeApplicationSchema(**auto))
 
 
 def test_every_app_argument_is_reachable_from_values():
     reached = set()
     for case in CASES:
         reached |= set(serve_args(only(render(case_values(case)), "RayService")))
-    assert reached == set(AppArgs.model_fields) - {"api_keys"}
+    # num_replicas / autoscaling keep their AppArgs defaults: the deployments override sets the replicas instead.
+    assert reached == set(AppArgs.model_fields) - {"api_keys"} - SCALING_ARGS
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_gpus_requested_equal_replicas_times_ep_size(case):
     rayservice = only(render(case_values(case)), "RayService")
-    args = serve_args(rayservice)
-    ep = args["ep_size"]
+    ep = serve_args(rayservice)["ep_size"]
     templates = pod_templates(rayservice)
     assert gpus_per_pod(templates["head"]) == 0
     (group,) = worker_groups(rayservice)
     per_pod = gpus_per_pod(group["template"])
-    if "autoscaling" in args:
-        lo, hi = args["autoscaling"]["min_replicas"], args["autoscaling"]["max_replicas"]
+    lo, hi = replica_bounds(rayservice)
+    if "autoscaling_config" in scaling_override(rayservice):
         assert lo * ep <= group["replicas"] * per_pod < lo * ep + per_pod  # whole pods for minReplicas
     else:
-        lo = hi = args["num_replicas"]
         assert group["replicas"] * per_pod == lo * ep
     assert group["maxReplicas"] * per_pod == hi * ep
     assert group["minReplicas"] == 0
@@ -191,7 +264,7 @@ def test_scaling_with_set_adds_whole_ep_groups():
     values = {**values, **overrides}
     rayservice = only(render(values), "RayService")
     (group,) = worker_groups(rayservice)
-    assert serve_args(rayservice)["num_replicas"] == 3
+    assert scaling_override(rayservice) == {"num_replicas": 3}
     assert (group["replicas"], group["maxReplicas"]) == (6, 8)
 
 
@@ -263,3 +336,5 @@ def test_notes_tell_how_to_reach_v1():
     assert "port-forward svc/gptoss-epserve-gateway 8000:8000" in text
     assert "/v1/chat/completions" in text and "Authorization: Bearer" in text
     assert "kubectl -n llm get rayservice gptoss-epserve" in text and "8265" in text
+    assert "--set numReplicas=N" in text and "running replicas keep serving" in text
+    assert "--set autoscaling.maxReplicas=N" in notes(case_values("autoscaling-values.yaml"))

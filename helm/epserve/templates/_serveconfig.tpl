@@ -3,6 +3,11 @@ The Serve config embedded in the RayService (serveConfigV2): the same document `
 takes. Its `args` are deploy.app_config.AppArgs: values are camelCase, args snake_case with the same names
 (expertParallel.epSize -> ep_size, engine.maxModelLen -> max_model_len, ...). This is the only place values become
 app arguments. API keys never appear here: only the name of the env var that carries them (api_keys_env).
+
+Replica counts are not app arguments here: they go into the application's `deployments:` override of the ModelServer
+deployment (epserve.scalingOverride). Serve rebuilds and redeploys an application whose import_path or args change,
+restarting every replica; a change confined to that override is applied to the running replicas (num_replicas:
+replicas are added or removed, the others keep serving; autoscaling_config bounds: reconfigured in place).
 */}}
 {{- define "epserve.serveArgs" -}}
 {{- $v := .Values }}
@@ -16,18 +21,30 @@ app arguments. API keys never appear here: only the name of the env var that car
 {{- $_ := set $args (snakecase $key) $value }}
 {{- end }}
 {{- end }}
-{{- if $v.autoscaling.enabled }}
-{{- $_ := set $args "autoscaling" (dict
-      "min_replicas" $v.autoscaling.minReplicas
-      "max_replicas" $v.autoscaling.maxReplicas
-      "target_ongoing_requests" $v.autoscaling.targetOngoingRequests) }}
-{{- else }}
-{{- $_ := set $args "num_replicas" $v.numReplicas }}
-{{- end }}
 {{- if $v.apiKeys.enabled }}
 {{- $_ := set $args "api_keys_env" $v.apiKeys.envName }}
 {{- end }}
 {{- toYaml $args }}
+{{- end }}
+
+{{- /* The name deploy/app.py's build_app gives the model deployment (`.options(name="ModelServer")`). */}}
+{{- define "epserve.modelServerDeployment" -}}
+ModelServer
+{{- end }}
+
+{{- /* The ModelServer replicas, in Serve's per-deployment override: num_replicas, or autoscaling_config (never both). */}}
+{{- define "epserve.scalingOverride" -}}
+{{- $v := .Values }}
+{{- $override := dict }}
+{{- if $v.autoscaling.enabled }}
+{{- $_ := set $override "autoscaling_config" (dict
+      "min_replicas" $v.autoscaling.minReplicas
+      "max_replicas" $v.autoscaling.maxReplicas
+      "target_ongoing_requests" $v.autoscaling.targetOngoingRequests) }}
+{{- else }}
+{{- $_ := set $override "num_replicas" $v.numReplicas }}
+{{- end }}
+{{- toYaml $override }}
 {{- end }}
 
 {{- define "epserve.serveConfig" -}}
@@ -41,4 +58,7 @@ applications:
     import_path: deploy.app:build_app
     args:
       {{- include "epserve.serveArgs" . | nindent 6 }}
+    deployments:
+      - name: {{ include "epserve.modelServerDeployment" . }}
+        {{- include "epserve.scalingOverride" . | nindent 8 }}
 {{- end }}

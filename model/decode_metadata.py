@@ -41,8 +41,8 @@ class DecodeMetadata:
         for g in self.groups:
             sizes += [(f"write.{g}", N), (f"start.{g}", N), (f"tables.{g}", N * columns[g])]
         self.buffer = torch.zeros(sum(n for _, n in sizes), dtype=torch.long, device=self.device)     # [F]
-        self._host = self.buffer if self.device.type != "cuda" else torch.zeros_like(self.buffer, device="cpu",
-                                                                                      pin_memory=True)
+        self._host = (self.buffer if self.device.type != "cuda"
+                      else torch.zeros(self.buffer.shape, dtype=torch.long, pin_memory=True))    # staging, pinned
         views, at = {}, 0
         for name, n in sizes:
             views[name], at = (at, n), at + n

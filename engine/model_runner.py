@@ -5,6 +5,8 @@ Legend: T=step tokens, R=sampling rows, V=vocab.
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from engine import config as engine_config
@@ -16,6 +18,8 @@ from model.config import ModelConfig
 from model.decode_metadata import DecodeMetadata
 from model.paged_attention import PagedKVCache, PagedMetadata, SeqSpan
 from model.transformer import GptOssForCausalLM
+
+logger = logging.getLogger(__name__)
 
 assert (engine_config.FULL, engine_config.SLIDING) == (paged_attention.FULL, paged_attention.SLIDING)
 
@@ -54,8 +58,12 @@ class ModelRunner:
                                      cache_config.block_size, model.dtype, self.device)
         self.graphs = None
         if cuda_graphs and self.device.type == "cuda":
-            self.graphs = DecodeGraphs(model, self.kv_cache, max_num_seqs, max_model_len, self.device)
-            self.graphs.capture_all()
+            graphs = DecodeGraphs(model, self.kv_cache, max_num_seqs, max_model_len, self.device)
+            try:
+                graphs.capture_all()
+                self.graphs = graphs
+            except RuntimeError as e:       # a backend that syncs (e.g. an expert loop): decode eagerly instead
+                logger.warning("decode CUDA graphs disabled, capture failed: %s", str(e).splitlines()[0])
         self.forwards = 0                                   # forward passes run (EP ranks report it)
 
     @torch.no_grad()

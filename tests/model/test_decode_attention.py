@@ -15,11 +15,28 @@ import torch
 from engine.config import NULL_BLOCK
 from model.attention import sink_attention
 from model.config import ModelConfig
-from model.decode_attention import KERNEL_AVAILABLE, decode_attention_triton, paged_decode_attention
+from model import decode_attention
+from model.decode_attention import KERNEL_AVAILABLE
 from model.paged_attention import FULL, SLIDING, PagedKVCache, PagedMetadata, SeqSpan
 from tests.sync_guard import HostSyncGuard
 
 needs_triton = pytest.mark.skipif(not KERNEL_AVAILABLE, reason="triton is not installed")
+
+
+def on_kernel_device(fn, always_kernel=False):
+    """CPU inputs run the kernel in Triton's interpreter (tests/conftest.py); on a GPU machine there is none, so the
+    kernel's CPU inputs move to CUDA and its output comes back (inputs already on CUDA are left alone)."""
+    def call(*args, **kwargs):
+        kernel = always_kernel or kwargs.get("impl") == "triton"
+        if kernel and torch.cuda.is_available() and not args[0].is_cuda:
+            args = [a.cuda() if isinstance(a, torch.Tensor) else a for a in args]
+            return fn(*args, **kwargs).cpu()
+        return fn(*args, **kwargs)
+    return call
+
+
+paged_decode_attention = on_kernel_device(decode_attention.paged_decode_attention)
+decode_attention_triton = on_kernel_device(decode_attention.decode_attention_triton, always_kernel=True)
 
 
 @dataclass

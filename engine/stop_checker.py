@@ -5,11 +5,12 @@ is only produced through an injected `detokenize`, and only for requests with st
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
+from engine.incremental_text import Detokenize, IncrementalText
 from engine.sequence import Sequence, SequenceStatus
 
-Detokenize = Callable[[list[int]], str]
+_STATE_ATTR = "_stop_text"  # the IncrementalText of a sequence, kept on it so aborts need no cleanup here
 
 
 class StopChecker:
@@ -19,9 +20,11 @@ class StopChecker:
       the sequence as FINISHED_STOPPED. The id stays in output_token_ids (as in vLLM) and is recorded
       in stop_reason, so the detokenizer/harmony parser can drop or keep it.
     - A stop string found in detokenize(output ids) finishes as FINISHED_STOPPED; seq.output_text is the
-      text cut before the match (or after it with include_stop_str_in_output), stop_reason the string.
-      Token ids are not cut. The whole output is detokenized each step for such requests: O(output) per
-      step, fine for the short stop-string requests this serves.
+      text cut before the match (or after it with include_stop_str_in_output), stop_reason the string;
+      the earliest match wins, then the smallest string. Token ids are not cut. Until then seq.output_text
+      is detokenize(output ids) as of the last check. The text is kept incrementally (IncrementalText: a few
+      recent tokens decoded per step) and only its last len(longest stop) - 1 final characters plus what
+      changed are searched, so a step costs O(new text + longest stop), not O(output).
     - max_tokens output tokens, or max_model_len tokens in all, finish as FINISHED_LENGTH.
     """
 
@@ -39,6 +42,13 @@ class StopChecker:
 
     def check(self, seq: Sequence) -> bool:
         """Call after seq sampled a token; marks it finished (status, stop_reason) and returns True if so."""
+        if self._check(seq):
+            if hasattr(seq, _STATE_ATTR):
+                delattr(seq, _STATE_ATTR)     # output_text keeps the text; the window state is done
+            return True
+        return False
+
+    def _check(self, seq: Sequence) -> bool:
         params, token_id = seq.params, seq.last_token_id
         if (token_id in self.eos_token_ids and not params.ignore_eos) or token_id in params.stop_token_ids:
             seq.finish(SequenceStatus.FINISHED_STOPPED, stop_reason=token_id)
@@ -52,10 +62,18 @@ class StopChecker:
 
     def _check_stop_strings(self, seq: Sequence) -> bool:
         assert self.detokenize is not None, "validate() rejects stop strings without a detokenizer"
-        text = self.detokenize(seq.output_token_ids)
+        state = getattr(seq, _STATE_ATTR, None)
+        if state is None:
+            state = IncrementalText()
+            setattr(seq, _STATE_ATTR, state)
+        text, num_final = state.update(seq.output_token_ids, self.detokenize)
         seq.output_text = text
+        # Every check searched the whole text it had, so a match now must end after the characters that were
+        # already final: it starts at most len(stop) - 1 characters before them.
+        longest = max(len(stop) for stop in seq.params.stop)
+        start = max(0, num_final - longest + 1)
         # The earliest match wins, whichever stop string it is.
-        matches = [(text.find(stop), stop) for stop in seq.params.stop]
+        matches = [(text.find(stop, start), stop) for stop in seq.params.stop]
         matches = [(index, stop) for index, stop in matches if index >= 0]
         if not matches:
             return False

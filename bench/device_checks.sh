@@ -12,6 +12,7 @@ cat "$OUT/gpu.txt"
 # -o addopts='': the gpu-marked tests too; every other test in these files also runs on CUDA where it can.
 timeout 180 python -m pytest -q -o addopts='' -p no:cacheprovider -x \
     tests/model/test_mxfp4_kernel.py tests/model/test_packed_experts.py tests/model/test_decode_attention.py \
+    tests/model/test_prefill_attention.py \
     tests/engine/test_decode_graphs.py > "$OUT/gpu_tests.log" 2>&1
 echo "gpu tests: exit $?"; tail -15 "$OUT/gpu_tests.log"
 timeout 420 python bench/gpu_check.py --out "$OUT/gpu_check.json" > "$OUT/gpu_check.log" 2>&1

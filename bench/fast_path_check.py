@@ -13,6 +13,7 @@ import torch
 
 from model.decode_attention import paged_decode_attention
 from model.moe import route
+from model.prefill_attention import paged_prefill_attention
 from model.packed_experts import PackedMXFP4Experts
 from model.transformer import GptOssForCausalLM
 
@@ -66,6 +67,33 @@ def check_decode_attention(model: GptOssForCausalLM, max_len: int, seed: int = 0
         args = (q, k, v, perm, start, lens, sinks, window, D ** -0.5, B)
         fast = paged_decode_attention(*args, impl="triton")
         ref = paged_decode_attention(*args, impl="torch")
+        out[f"window_{window}_rel_err"] = _rel_err(fast, ref)
+    return out
+
+
+@torch.no_grad()
+def check_prefill_attention(model: GptOssForCausalLM, max_len: int, seed: int = 0) -> dict:
+    """A mixed step at the model's head shapes (a chunk after a cached prefix, a whole prompt, a decode) over a
+    shuffled paged cache: the flash-style Triton kernel vs the torch gather path."""
+    cfg, device, dtype = model.config, next(model.parameters()).device, model.dtype
+    n, kv, D, B = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, 16
+    g = torch.Generator(device=device).manual_seed(seed)
+    ctx = [max_len // 2, 0, max_len - 1]                           # positions before each sequence's queries
+    qlen = [max_len // 2, max_len // 3 + 1, 1]
+    M = -(-max(c + q for c, q in zip(ctx, qlen)) // B)
+    N = len(ctx)
+    tables = torch.randperm(N * M, generator=g, device=device).view(N, M)
+    k = torch.randn(kv, N * M * B, D, generator=g, device=device, dtype=dtype)
+    v = torch.randn(kv, N * M * B, D, generator=g, device=device, dtype=dtype)
+    q = torch.randn(sum(qlen), n, D, generator=g, device=device, dtype=dtype)
+    starts = [sum(qlen[:i]) for i in range(N)]
+    idx = [torch.tensor(x, device=device) for x in (starts, qlen, ctx)]
+    sinks = model.model.layers[0].self_attn.sinks
+    out = {}
+    for window in (None, cfg.sliding_window):
+        args = (q, k, v, tables, *idx, sinks, window, D ** -0.5, B)
+        fast = paged_prefill_attention(*args, impl="triton")
+        ref = paged_prefill_attention(*args, impl="torch")
         out[f"window_{window}_rel_err"] = _rel_err(fast, ref)
     return out
 

@@ -202,7 +202,8 @@ def fast_path_checks(model: GptOssForCausalLM, plan: Plan, graph_tokens: dict) -
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         return {"skipped": "the Triton kernels need CUDA (or TRITON_INTERPRET=1 on CPU)"}
     out = {"packed_experts": fast_path_check.check_packed_experts(model),
-           "decode_attention": fast_path_check.check_decode_attention(model, plan.ttft_prompt_tokens)}
+           "decode_attention": fast_path_check.check_decode_attention(model, plan.ttft_prompt_tokens),
+           "prefill_attention": fast_path_check.check_prefill_attention(model, plan.ttft_prompt_tokens)}
     if device.type == "cuda":
         engine = make_engine(model, plan, cuda_graphs=False)
         P, V, b = plan.prompt_tokens, model.config.vocab_size, min(8, max(plan.batches))

@@ -14,6 +14,7 @@ import torch
 
 from model.attention import mask_bias, sink_attention_heads
 from model.config import ModelConfig
+from model.prefill_attention import KERNEL_AVAILABLE, paged_prefill_attention
 
 FULL, SLIDING = "full", "sliding"
 
@@ -113,16 +114,41 @@ def _keys(spans: list[SeqSpan], group: str, window: int | None, q_pos: torch.Ten
     return read, mask_bias(allowed)
 
 
+def _kernel_indices(spans: list[SeqSpan], firsts: list[int], cache: PagedKVCache, device):
+    """The kernel's per-step indices from the host's lists in one host-to-device copy: (q_start, q_len, ctx_start),
+    each [N], and per group the block tables [N, M] from column 0, M = blocks up to the last query (-1 past a list)."""
+    B, N = cache.block_size, len(spans)
+    M = max(-(-(s.start + s.num_tokens) // B) for s in spans)
+    groups = sorted(set(cache.groups))
+    flat = firsts + [s.num_tokens for s in spans] + [s.start for s in spans]
+    for g in groups:
+        for s in spans:
+            row = s.block_tables[g][:M]
+            flat += row + [-1] * (M - len(row))
+    buf = torch.tensor(flat, dtype=torch.int32, device=device)
+    tables = {g: buf[3 * N + i * N * M:3 * N + (i + 1) * N * M].view(N, M) for i, g in enumerate(groups)}
+    return (buf[:N], buf[N:2 * N], buf[2 * N:3 * N]), tables                                   # [N] x 3, [N, M]
+
+
 class PagedMetadata:
     """The step's view of the cache: slots to write, keys each sequence reads, and the masks (built once per
     step and group with a few tensor ops, shared by every layer of the group).
 
-    Decodes and prefill chunks attend as separate parts, so a long chunk never pads the decodes' queries.
+    impl "triton" (default for CUDA when triton imports; CPU tensors need TRITON_INTERPRET=1): every sequence of the
+    step, decodes included (a chunk of one query), attends in one flash-attention kernel call per layer that
+    never materialises scores (model/prefill_attention.py). impl "torch" (default elsewhere): decodes and prefill
+    chunks attend as separate gathered parts, so a long chunk never pads the decodes' queries.
     """
 
-    def __init__(self, cache: PagedKVCache, spans: list[SeqSpan], device: torch.device | str):
+    def __init__(self, cache: PagedKVCache, spans: list[SeqSpan], device: torch.device | str,
+                 impl: str | None = None):
         self.cache = cache
         B = cache.block_size
+        if impl is None:
+            impl = "triton" if KERNEL_AVAILABLE and torch.device(device).type == "cuda" else "torch"
+        if impl not in ("triton", "torch"):
+            raise ValueError(f"PagedMetadata: impl must be 'triton', 'torch' or None, got {impl!r}")
+        self.impl = impl
         firsts, row = [], 0
         for s in spans:
             firsts.append(row)
@@ -132,6 +158,10 @@ class PagedMetadata:
         self._write = {g: torch.tensor([s.block_tables[g][p // B] * B + p % B for s in spans
                                         for p in range(s.start, s.start + s.num_tokens)], device=device)
                        for g in set(cache.groups)}                                              # [T] per group
+        self._parts: list[_Part] = []
+        if impl == "triton":
+            self._seqs, self._tables = _kernel_indices(spans, firsts, cache, device)
+            return
         decodes = [i for i, s in enumerate(spans) if s.num_tokens == 1]
         chunks = [i for i, s in enumerate(spans) if s.num_tokens > 1]
         self._parts = [_Part([spans[i] for i in idx], [firsts[i] for i in idx], cache, device,
@@ -143,6 +173,9 @@ class PagedMetadata:
         k_heads, v_heads = self.cache.k_heads[layer_idx], self.cache.v_heads[layer_idx]          # [k, slots, D]
         k_heads.index_copy_(1, self._write[group], k.transpose(0, 1).to(k_heads.dtype))
         v_heads.index_copy_(1, self._write[group], v.transpose(0, 1).to(v_heads.dtype))
+        if self.impl == "triton":
+            return paged_prefill_attention(q, k_heads, v_heads, self._tables[group], *self._seqs, sinks, window,
+                                           sm_scale, self.cache.block_size, impl="triton")      # [T, n, D]
         if len(self._parts) == 1 and self._parts[0].rows is None:
             return self._attend_part(self._parts[0], group, q, k_heads, v_heads, sinks, sm_scale)
         o = torch.empty_like(q)                                                                 # [T, n, D]

@@ -62,6 +62,7 @@ def test_fast_path_checks_ran_in_the_interpreter(result):
     """tests/conftest.py sets TRITON_INTERPRET=1 without a GPU, so the script's kernel checks run on CPU: each kernel
     agrees with its torch reference at fp32 precision."""
     checks = result["models"]["tiny"]["checks"]
-    errors = [*checks["packed_experts"].values(), *checks["decode_attention"].values()]
-    assert len(errors) == 4
+    errors = [*checks["packed_experts"].values(), *checks["decode_attention"].values(),
+              *checks["prefill_attention"].values()]
+    assert len(errors) == 6
     assert all(0 <= e < 1e-5 for e in errors), checks

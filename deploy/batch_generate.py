@@ -7,7 +7,6 @@ import json
 import logging
 import sys
 import time
-from pathlib import Path
 
 import torch
 
@@ -45,7 +44,7 @@ def run(args) -> None:
     from engine.engine import EngineConfig, LLMEngine
     from engine.sampling_params import SamplingParams
     from model.config import ModelConfig
-    from model.loader import load_model
+    from model.loader import expert_factory, load_model
     tokenizer = Tokenizer.from_model_dir(args.model_dir)
     prompts = _read_prompts(args.prompts, tokenizer)
     try:
@@ -62,7 +61,9 @@ def run(args) -> None:
     if args.ep_size:
         engine = _start_ep_group(args, engine_config, stop_ids)
     else:
-        model = load_model(args.model_dir, dtype=getattr(torch, args.dtype), device=args.device)
+        dtype = getattr(torch, args.dtype)
+        experts = expert_factory(args.model_dir, dtype, args.device, args.experts)
+        model = load_model(args.model_dir, dtype=dtype, device=args.device, experts=experts)
         engine = LLMEngine(model, engine_config, eos_token_ids=stop_ids)
     ids = [f"p{i}" for i in range(len(prompts))]
     for rid, p in zip(ids, prompts):

@@ -8,9 +8,13 @@ from pathlib import Path
 
 import torch
 
-from model.checkpoint import Checkpoint
+from model.checkpoint import HF_BF16, Checkpoint
+from model.errors import CheckpointError
 from model.moe import LocalExperts
+from model.packed_experts import PackedMXFP4Experts
 from model.transformer import ExpertFactory, GptOssForCausalLM
+
+EXPERT_CHOICES = ("auto", "dense", "packed")
 
 
 def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
@@ -42,3 +46,21 @@ def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32, device
                 for key, value in ckpt.experts(i, lo, lo + backend.num_experts, dtype).items():
                     getattr(backend, key).copy_(value)
     return model.eval().requires_grad_(False)
+
+
+def expert_factory(model_dir: str | Path, dtype: torch.dtype, device: str | torch.device,
+                   choice: str = "auto") -> ExpertFactory | None:
+    """The experts a single-process model holds: "dense" (LocalExperts, None here: load_model's default), "packed"
+    (PackedMXFP4Experts: MXFP4 bytes in memory, ~4x smaller; the fused kernel on CUDA), or "auto": packed on CUDA when
+    the checkpoint stores MXFP4 experts (how gpt-oss-120b fits one 80 GB GPU), dense elsewhere."""
+    if choice not in EXPERT_CHOICES:
+        raise ValueError(f"experts must be one of {EXPERT_CHOICES}, got {choice!r}")
+    ckpt = Checkpoint(model_dir)
+    mxfp4 = ckpt.layout != HF_BF16
+    if choice == "packed" and not mxfp4:
+        raise CheckpointError(f"{model_dir}: experts are stored unquantised (bf16); packed MXFP4 experts need an "
+                              "MXFP4 checkpoint (use experts 'dense')")
+    if choice == "dense" or (choice == "auto" and not (mxfp4 and torch.device(device).type == "cuda")):
+        return None
+    cfg = ckpt.config
+    return lambda i: PackedMXFP4Experts(cfg, dtype, layer_idx=i)

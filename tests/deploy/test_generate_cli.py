@@ -69,3 +69,24 @@ def test_bad_sampling_flag(tiny, tmp_path):
     (tmp_path / "p.jsonl").write_text('{"prompt_ids": [1]}\n')
     r = epserve("generate", tiny, "--prompts", tmp_path / "p.jsonl", "--temperature", -1)
     assert r.returncode == 2 and "temperature" in r.stderr, r.stderr
+
+
+def test_packed_experts_give_the_dense_outputs(tiny, tmp_path):
+    """--experts packed keeps the MXFP4 bytes in memory (the GPU default for MXFP4 checkpoints); on CPU its loop path
+    dequantises per hit expert: the same greedy tokens as dense experts."""
+    prompts = [{"prompt_ids": [5, 6, 7]}, {"prompt_ids": list(range(40, 90))}]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(p) + "\n" for p in prompts))
+    outs = {}
+    for experts in ("dense", "packed"):
+        r = epserve("generate", tiny, "--prompts", tmp_path / "p.jsonl", "--max-tokens", 6, "--temperature", 0,
+                    "--experts", experts, "--out", tmp_path / f"{experts}.jsonl")
+        assert r.returncode == 0, r.stderr
+        outs[experts] = [json.loads(x)["output_ids"] for x in (tmp_path / f"{experts}.jsonl").read_text().splitlines()]
+    assert outs["packed"] == outs["dense"] and all(len(o) == 6 for o in outs["dense"])
+
+
+def test_packed_experts_need_an_mxfp4_checkpoint(tmp_path):
+    bf16 = write_tiny(tmp_path / "bf16", TinySpec(seed=4, vocab=1024, experts_format="bf16"))
+    (tmp_path / "p.jsonl").write_text('{"prompt_ids": [1, 2]}\n')
+    r = epserve("generate", bf16, "--prompts", tmp_path / "p.jsonl", "--experts", "packed")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "MXFP4" in r.stderr, r.stderr

@@ -3,6 +3,8 @@
 Owns a full LLMEngine for the sequences assigned to this rank (data-parallel attention, its own KV cache) whose
 MoE layers are EPExperts over the group's process group. Every rank runs exactly one forward per step; a rank
 with nothing scheduled runs an empty one so that it still joins every collective (lockstep).
+A group of one rank holds every expert and needs no collective: its layers are CountedExperts over the process's
+own backend (packed MXFP4 on CUDA for MXFP4 checkpoints, else dense), and its decode steps may be CUDA graphs.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import time
 
 import torch
 
+from cluster.counted_experts import CountedExperts
 from cluster.ep_experts import EPExperts, EPStats
 from cluster.process_group import destroy_ep_group, free_port, init_ep_group
 from engine.engine import EngineConfig, LLMEngine
@@ -20,7 +23,8 @@ from engine.sampling_params import SamplingParams
 from engine.token_output import TokenOutput
 from model.checkpoint import Checkpoint
 from model.config import ModelConfig
-from model.loader import load_model
+from model.loader import expert_factory, load_model
+from model.moe import LocalExperts
 
 logger = logging.getLogger(__name__)
 
@@ -62,12 +66,24 @@ class EPWorker:
         config = ModelConfig.from_dir(self.model_dir)
         self.stats = EPStats(config.num_hidden_layers, config.num_local_experts, self.device)
         self.placement = placement.to(self.device)
-        model = load_model(self.model_dir, self.dtype, self.device, experts=lambda i: EPExperts(
-            config, i, self.rank, self.ep_size, self.placement, self.stats, self.dtype))
+        engine_config = self.engine_config
+        if self.single:
+            local = expert_factory(self.model_dir, self.dtype, self.device) or (
+                lambda _: LocalExperts(config, self.dtype))
+            experts = lambda i: CountedExperts(local(i), i, self.stats)                    # noqa: E731
+        else:
+            experts = lambda i: EPExperts(config, i, self.rank, self.ep_size, self.placement,  # noqa: E731
+                                          self.stats, self.dtype)
+            # No CUDA graphs: the all-to-all takes its split sizes from the host.
+            engine_config = dataclasses.replace(engine_config, cuda_graphs=False)
+        model = load_model(self.model_dir, self.dtype, self.device, experts=experts)
         self.experts = [layer.mlp.experts for layer in model.model.layers]
-        # No CUDA graphs: the all-to-all takes its split sizes from the host.
-        engine_config = dataclasses.replace(self.engine_config, cuda_graphs=False)
         self.engine = LLMEngine(model, engine_config, eos_token_ids=self.eos_token_ids)
+
+    @property
+    def single(self) -> bool:
+        """One rank holds every expert: no collectives."""
+        return self.ep_size == 1
 
     # ---- requests ----
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
@@ -78,10 +94,14 @@ class EPWorker:
 
     # ---- lockstep ----
     def step(self) -> StepResult:
-        start, forwards = time.perf_counter(), self.engine.runner.forwards
+        runner = self.engine.runner
+        start, forwards = time.perf_counter(), runner.forwards
         outputs = self.engine.step()
-        if self.engine.runner.forwards == forwards:
+        if runner.forwards == forwards and not self.single:
             self._empty_forward()
+        elif runner.forwards != forwards and self.single:
+            for experts in self.experts:
+                experts.count(*runner.last_rows)
         counts, a2a = self.stats.take()
         sched = self.engine.scheduler
         return StepResult(self.rank, outputs, counts.cpu(), a2a, time.perf_counter() - start, sched.num_running,
@@ -101,6 +121,9 @@ class EPWorker:
         """Switch to a new expert map between steps; re-reads the experts of changed slots from the checkpoint.
         Returns the number of slots whose expert changed on this rank."""
         placement = placement.to(self.device)
+        if self.single:                                  # every expert is here already: nothing moves
+            self.placement = placement
+            return 0
         ckpt, moved = Checkpoint(self.model_dir), 0
         for experts in self.experts:
             old = experts.slot_experts()
@@ -120,6 +143,8 @@ class EPWorker:
                 "num_waiting": sched.num_waiting, "num_preemptions": sched.num_preemptions}
 
     def num_expert_params(self) -> int:
+        if self.single:
+            return sum(e.num_expert_values() for e in self.experts)
         return sum(p.numel() for e in self.experts for p in e.parameters())
 
     def slot_experts(self) -> list[list[int]]:

@@ -109,3 +109,18 @@ def test_dead_rank_fails_the_step_quickly_and_names_it(ray_cluster, checkpoints,
         assert len(run_group(rebuilt, prompts[:2])[1]) == GREEDY.max_tokens
     finally:
         rebuilt.shutdown()
+
+
+def test_single_rank_counts_every_routed_token(ray_cluster, checkpoints, prompts):
+    """ep_size 1 runs the local backend without collectives and still reports its expert load: per layer, top_k
+    counts for every token it forwarded (prompts, and every generated token but the last)."""
+    group = EPGroup(str(checkpoints[6]), EPConfig(ep_size=1, collective_timeout_s=20), ENGINE)
+    totals = []
+    try:
+        run_group(group, prompts, on_step=lambda g: totals.append(sum(r.expert_counts for r in g.last_results)))
+    finally:
+        group.shutdown()
+    counts = sum(totals)                                                        # [L, E]
+    forwarded = sum(len(p) + GREEDY.max_tokens - 1 for p in prompts)
+    assert counts.shape == (2, 6) and counts.sum(dim=1).tolist() == [2 * forwarded] * 2
+    assert (counts > 0).sum() >= 8                                              # spread over the experts

@@ -98,6 +98,44 @@ def check_prefill_attention(model: GptOssForCausalLM, max_len: int, seed: int = 
     return out
 
 
+@torch.no_grad()
+def time_expert_variants(model: GptOssForCausalLM, tokens: tuple[int, ...] = (1, 64, 2048),
+                         repeats: int = 20) -> dict:
+    """CUDA: layer 0's packed experts (both grouped linears, routing by the layer's router) per kernel variant,
+    microseconds per call (median of `repeats`, CUDA events) and, for 1 token, the packed bytes its top-k experts
+    hold per microsecond (GB/s). Which variant the engine should default to on this GPU is read from here."""
+    layer = model.model.layers[0]
+    experts: PackedMXFP4Experts = layer.mlp.experts
+    device, H = experts.gate_up_proj_blocks.device, model.config.hidden_size
+    per_expert = experts.packed_bytes() / experts.num_experts
+    g = torch.Generator(device=device).manual_seed(0)
+    out, saved = {}, experts.kernel_variant
+    try:
+        for variant in ("dequant", "dot_scaled"):
+            experts.kernel_variant = variant
+            row = {}
+            for T in tokens:
+                t = torch.randn(T, H, generator=g, device=device, dtype=model.dtype)
+                weights, ids = route(layer.mlp.router(t), layer.mlp.top_k)
+                experts(t, ids, weights)                                               # compile, warm up
+                times = []
+                for _ in range(repeats):
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    experts(t, ids, weights)
+                    end.record()
+                    end.synchronize()
+                    times.append(start.elapsed_time(end) * 1e3)                        # microseconds
+                us = sorted(times)[len(times) // 2]
+                row[f"tokens_{T}_us"] = round(us, 1)
+                if T == 1:
+                    row["tokens_1_gb_s"] = round(layer.mlp.top_k * per_expert / us / 1e3, 1)
+            out[variant] = row
+    finally:
+        experts.kernel_variant = saved
+    return out
+
+
 def check_graph_tokens(graph_tokens: list[list[int]], eager_tokens: list[list[int]]) -> dict:
     same = sum(a == b for a, b in zip(graph_tokens, eager_tokens))
     return {"sequences": len(graph_tokens), "identical_greedy_sequences": same}

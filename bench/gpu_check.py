@@ -205,6 +205,7 @@ def fast_path_checks(model: GptOssForCausalLM, plan: Plan, graph_tokens: dict) -
            "decode_attention": fast_path_check.check_decode_attention(model, plan.ttft_prompt_tokens),
            "prefill_attention": fast_path_check.check_prefill_attention(model, plan.ttft_prompt_tokens)}
     if device.type == "cuda":
+        out["expert_kernel_variants"] = fast_path_check.time_expert_variants(model)
         engine = make_engine(model, plan, cuda_graphs=False)
         P, V, b = plan.prompt_tokens, model.config.vocab_size, min(8, max(plan.batches))
         decode_ours(engine, prompts(1, P, V, seed=99), 2)                                   # warm-up

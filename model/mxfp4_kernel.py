@@ -18,8 +18,11 @@ except ImportError:                                           # CPU-only install
     KERNEL_AVAILABLE = False
 
 
+VARIANTS = ("dequant", "dot_scaled")
+
+
 def mxfp4_grouped_linear(x: torch.Tensor, group_ends: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor,
-                         bias: torch.Tensor | None = None) -> torch.Tensor:
+                         bias: torch.Tensor | None = None, variant: str = "dequant") -> torch.Tensor:
     """x [R, K] (fp32/bf16/fp16) whose rows are grouped by expert; group_ends int [E]: expert e owns rows
     [group_ends[e-1], group_ends[e]) (the `offs` of torch._grouped_mm), non-decreasing, group_ends[-1] <= R;
     blocks uint8 [E, N, G, 16], scales uint8 [E, N, G] (spec §3.4, "out x in"); bias [E, N] or None.
@@ -28,11 +31,19 @@ def mxfp4_grouped_linear(x: torch.Tensor, group_ends: torch.Tensor, blocks: torc
 
     Reads no tensor value on the host; launches one kernel whose grid depends only on (R, E, N). On CPU tensors it
     runs only under TRITON_INTERPRET=1 (tests); production code chooses it for CUDA tensors.
+    variant "dequant": nibbles and scales decoded arithmetically in registers, then bf16/fp32 tl.dot (any dtype).
+    variant "dot_scaled" (bf16 x only): the packed bytes and E8M0 scales go straight into tl.dot_scaled (e2m1), which
+    Triton lowers natively where the hardware has MX formats and by upcasting elsewhere; which is faster on Hopper is
+    what bench/gpu_check.py measures.
     """
     if not KERNEL_AVAILABLE:
         raise RuntimeError("mxfp4_grouped_linear needs the `triton` package; without it use the torch path "
                            "(PackedMXFP4Experts(use_kernel=False)) or mxfp4_grouped_linear_reference")
     _check(x, group_ends, blocks, scales, bias)
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    if variant == "dot_scaled" and x.dtype != torch.bfloat16:
+        raise ValueError(f"variant 'dot_scaled' multiplies bf16 activations, got {x.dtype}")
     R, K = x.shape
     E, N = blocks.shape[:2]
     x = x if x.stride(1) == 1 else x.contiguous()
@@ -47,13 +58,16 @@ def mxfp4_grouped_linear(x: torch.Tensor, group_ends: torch.Tensor, blocks: torc
     # Tiles of BLOCK_M rows never straddle two groups. Groups are the E experts plus the tail [group_ends[-1], R);
     # sum_g ceil(n_g / M) <= sum_g floor(n_g / M) + #non-empty groups <= R // M + min(E + 1, R).
     grid = (R // cfg["BLOCK_M"] + min(E + 1, R), triton.cdiv(N, cfg["BLOCK_N"]))
+    args = (x, group_ends, blocks.contiguous(), scales.contiguous(), bias.contiguous() if bias is not None else x,
+            y, R, N, K, E, x.stride(0), y.stride(0))
+    if variant == "dot_scaled":
+        _launch_scaled(grid, *args, HAS_BIAS=bias is not None, E_POW2=triton.next_power_of_2(E + 1), **cfg)
+        return y.to(x.dtype)
     if x.dtype == torch.float32 or interpreted:
         dot_dtype, precision = tl.float32, "ieee"                                       # exact products, fp32 sums
     else:
         dot_dtype, precision = (tl.bfloat16 if x.dtype == torch.bfloat16 else tl.float16), None
-    _launch(grid, x, group_ends, blocks.contiguous(), scales.contiguous(),
-            bias.contiguous() if bias is not None else x, y, R, N, K, E, x.stride(0), y.stride(0),
-            HAS_BIAS=bias is not None, DOT_DTYPE=dot_dtype, DOT_PRECISION=precision,
+    _launch(grid, *args, HAS_BIAS=bias is not None, DOT_DTYPE=dot_dtype, DOT_PRECISION=precision,
             E_POW2=triton.next_power_of_2(E + 1), **cfg)
     return y.to(x.dtype)
 
@@ -73,6 +87,10 @@ def block_config(R: int, E: int) -> dict:
 def _launch(grid, *args, **meta) -> None:
     """The only statement that leaves torch: one kernel launch (a seam the no-sync tests can stub or exempt)."""
     _grouped_kernel[grid](*args, **meta)
+
+
+def _launch_scaled(grid, *args, **meta) -> None:
+    _scaled_kernel[grid](*args, **meta)
 
 
 def _check(x, group_ends, blocks, scales, bias) -> None:
@@ -131,6 +149,19 @@ if KERNEL_AVAILABLE:
         return grp, row0, tl.sum(tl.where(g == grp, end, 0), 0)
 
     @triton.jit
+    def _rows_and_cols(ends_ptr, R, N, E, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, E_POW2: tl.constexpr):
+        """This program's group, its BLOCK_M rows (int64) with their mask, and its BLOCK_N output columns with theirs."""
+        grp, row0, row_end = _tile(ends_ptr, R, E, BLOCK_M, E_POW2)
+        rows = row0 + tl.arange(0, BLOCK_M)
+        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        return grp, rows.to(tl.int64), rows < row_end, cols, cols < N
+
+    @triton.jit
+    def _store(y_ptr, stride_y, acc, rows, row_ok, cols, col_ok):
+        tl.store(y_ptr + rows[:, None] * stride_y + cols[None, :], acc.to(y_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & col_ok[None, :])
+
+    @triton.jit
     def _fp4(code):
         """FP4 E2M1 code (int32, 0..15) -> fp32 value, exactly FP4_VALUES[code]: for |code| >= 2 the 3 low bits are
         exponent:mantissa, placed under an fp32 exponent bias of 126; |code| == 1 is the subnormal 0.5."""
@@ -165,12 +196,7 @@ if KERNEL_AVAILABLE:
         # Program (tile of BLOCK_M rows of one group, BLOCK_N outputs). Per K step it loads a [BLOCK_K/2, BLOCK_N]
         # tile of packed bytes: the low nibbles are inputs 2m (dotted with x's even columns), the high nibbles
         # inputs 2m+1 (odd columns), so nothing is interleaved; byte m of a row uses the row's scale m // 16.
-        grp, row0, row_end = _tile(ends_ptr, R, E, BLOCK_M, E_POW2)
-        rows = row0 + tl.arange(0, BLOCK_M)
-        row_ok = rows < row_end
-        rows = rows.to(tl.int64)
-        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        col_ok = cols < N
+        grp, rows, row_ok, cols, col_ok = _rows_and_cols(ends_ptr, R, N, E, BLOCK_M, BLOCK_N, E_POW2)
         KB = K // 2                                              # bytes per weight row
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         if grp < E:                                              # the tail group only writes zeros
@@ -189,5 +215,32 @@ if KERNEL_AVAILABLE:
                 acc = tl.dot(x_odd, w_hi, acc, input_precision=DOT_PRECISION)
             if HAS_BIAS:
                 acc += tl.load(b_ptr + e * N + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        y_at = y_ptr + rows[:, None] * stride_y + cols[None, :]
-        tl.store(y_at, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+        _store(y_ptr, stride_y, acc, rows, row_ok, cols, col_ok)
+
+    @triton.jit
+    def _scaled_kernel(x_ptr, ends_ptr, w_ptr, s_ptr, b_ptr, y_ptr, R, N, K, E, stride_x, stride_y,
+                       HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       E_POW2: tl.constexpr):
+        # The same tiles as _grouped_kernel; per K step the weights stay packed: bytes [BLOCK_K/2, BLOCK_N] (K-packed,
+        # low nibble first, as the checkpoint stores them) and scales [BLOCK_N, BLOCK_K/32] feed tl.dot_scaled.
+        grp, rows, row_ok, cols, col_ok = _rows_and_cols(ends_ptr, R, N, E, BLOCK_M, BLOCK_N, E_POW2)
+        KB, KG = K // 2, K // 32                                 # bytes and scale blocks per weight row
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if grp < E:                                              # the tail group only writes zeros
+            e = grp.to(tl.int64)
+            w_rows = w_ptr + e * N * KB + cols * KB              # [BN] first byte of each weight row
+            s_rows = s_ptr + e * N * KG + cols * KG
+            k = tl.arange(0, BLOCK_K)
+            kb = tl.arange(0, BLOCK_K // 2)
+            kg = tl.arange(0, BLOCK_K // 32)
+            for k0 in range(0, K, BLOCK_K):
+                x = tl.load(x_ptr + rows[:, None] * stride_x + (k0 + k)[None, :],
+                            mask=row_ok[:, None] & (k0 + k < K)[None, :], other=0.0)      # [BM, BK] bf16
+                w = tl.load(w_rows[None, :] + (k0 // 2 + kb)[:, None],
+                            mask=(k0 // 2 + kb < KB)[:, None] & col_ok[None, :], other=0)  # [BK/2, BN] u8
+                sc = tl.load(s_rows[:, None] + (k0 // 32 + kg)[None, :],
+                             mask=col_ok[:, None] & (k0 // 32 + kg < KG)[None, :], other=127)  # [BN, BK/32]
+                acc = tl.dot_scaled(x, None, "bf16", w, sc, "e2m1", acc)
+            if HAS_BIAS:
+                acc += tl.load(b_ptr + e * N + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        _store(y_ptr, stride_y, acc, rows, row_ok, cols, col_ok)

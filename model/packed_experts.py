@@ -57,7 +57,8 @@ class PackedMXFP4Experts(nn.Module):
       into temporaries, then matmul, SwiGLU, matmul. One host sync per layer (`counts.tolist()`).
     Both sum a token's K outputs in fp32 in expert order (as LocalExperts does). `use_kernel`: None chooses the
     kernel for CUDA inputs when triton is installed and no autograd is needed; True/False force a path (True on CPU
-    tensors runs Triton's interpreter, for tests).
+    tensors runs Triton's interpreter, for tests). `kernel_variant` ("dequant" or "dot_scaled", bf16 activations
+    only; model/mxfp4_kernel.py) picks the kernel's inner product; bench/gpu_check.py times both.
     """
 
     def __init__(self, config: ModelConfig, dtype: torch.dtype, num_experts: int | None = None,
@@ -74,6 +75,7 @@ class PackedMXFP4Experts(nn.Module):
         self.alpha, self.limit = config.swiglu_alpha, config.swiglu_limit
         self.dtype = dtype
         self.use_kernel = use_kernel
+        self.kernel_variant = "dequant"
         for part, rows, cols in (("gate_up_proj", 2 * I, H), ("down_proj", H, I)):
             G = cols // mxfp4.BLOCK
             self.register_buffer(part + "_blocks", torch.empty(E, rows, G, mxfp4.BYTES_PER_BLOCK, dtype=torch.uint8))
@@ -143,11 +145,12 @@ class PackedMXFP4Experts(nn.Module):
         order, sorted_ids, counts = group_pairs(expert_ids.long(), self.first_expert, E)    # [P], [P], [E]
         ends = counts.cumsum(0, dtype=torch.int32)                                          # [E] group ends
         rows = order // K                                                                   # [P] token of pair
+        variant = self.kernel_variant if t.dtype == torch.bfloat16 else "dequant"
         gate_up = mxfp4_grouped_linear(t.index_select(0, rows), ends, self.gate_up_proj_blocks,
-                                       self.gate_up_proj_scales, self.gate_up_proj_bias)    # [P, 2I]
+                                       self.gate_up_proj_scales, self.gate_up_proj_bias, variant)  # [P, 2I]
         h = swiglu(gate_up, self.alpha, self.limit)                                         # [P, I]
         y = mxfp4_grouped_linear(h, ends, self.down_proj_blocks, self.down_proj_scales,
-                                 self.down_proj_bias)                                       # [P, H]
+                                 self.down_proj_bias, variant)                              # [P, H]
         w = weights.flatten()[order].float().masked_fill_(sorted_ids == E, 0.0)             # [P] fp32
         y = y.float().mul_(w[:, None])                                                      # [P, H] fp32
         out = torch.zeros(t.shape, dtype=torch.float32, device=t.device)                    # [T, H]

@@ -5,7 +5,8 @@ kernels' semantics but not Triton's compiler; this catches what only the compile
 
 Kernel launches are recorded by calling each wrapper with CPU tensors (their launches replaced by a recorder), then
 each recorded launch is compiled ahead of time with triton.compile for GPUTarget("cuda", 90, 32), with the
-arguments a CUDA launch would have. Must run without TRITON_INTERPRET (which makes kernels interpreted functions).
+arguments and the specialisation (16-byte aligned pointers, integers divisible by 16) a CUDA launch would have:
+with them the loads are software-pipelined (cp.async) as they will be on the GPU. Must run without TRITON_INTERPRET (which makes kernels interpreted functions).
 """
 from __future__ import annotations
 
@@ -59,9 +60,12 @@ def compile_for_hopper(fn, args, meta, overrides: dict) -> int:
     cubin's size."""
     values = {**dict(zip(fn.arg_names, args)), **meta, **overrides}
     options = {k: values.pop(k) for k in ("num_warps", "num_stages") if k in values}
-    signature, constants = {}, {}
-    for param, name in zip(fn.params, fn.arg_names):
+    signature, constants, attrs = {}, {}, {}
+    for i, (param, name) in enumerate(zip(fn.params, fn.arg_names)):
         v = values[name]
+        # What a CUDA launch specialises on: 16-byte aligned pointers, integers divisible by 16.
+        if not param.is_constexpr and (isinstance(v, torch.Tensor) or (type(v) is int and v % 16 == 0)):
+            attrs[(i,)] = [["tt.divisibility", 16]]
         if param.is_constexpr:
             signature[name], constants[name] = "constexpr", v
         elif isinstance(v, torch.Tensor):
@@ -74,7 +78,7 @@ def compile_for_hopper(fn, args, meta, overrides: dict) -> int:
             signature[name] = "fp32"
         else:
             raise TypeError(f"{fn.__name__}: argument {name}={v!r} has no Triton type here")
-    kernel = triton.compile(ASTSource(fn, signature, constants), target=HOPPER, options=options)
+    kernel = triton.compile(ASTSource(fn, signature, constants, attrs), target=HOPPER, options=options)
     return len(kernel.asm["cubin"])
 
 
@@ -120,11 +124,18 @@ def mxfp4_launches():
         for R in (4, 1024, 8192):                                      # decode, medium and prefill block configs
             mxfp4_kernel.mxfp4_grouped_linear(torch.zeros(R, K, dtype=bf16), torch.full((E,), R, dtype=torch.int32),
                                               blocks, scales, torch.zeros(E, N, dtype=bf16))
-    launches = []
+    def run_scaled():
+        blocks = torch.zeros(E, N, K // 32, 16, dtype=torch.uint8)
+        scales = torch.zeros(E, N, K // 32, dtype=torch.uint8)
+        for R in (4, 8192):
+            mxfp4_kernel.mxfp4_grouped_linear(torch.zeros(R, K, dtype=bf16), torch.full((E,), R, dtype=torch.int32),
+                                              blocks, scales, torch.zeros(E, N, dtype=bf16), variant="dot_scaled")
+    launches, y = [], torch.empty(0, dtype=bf16)                       # CUDA launches write bf16 output
     for args, meta in record(mxfp4_kernel, ("_grouped_kernel",), run)["_grouped_kernel"]:
-        y = torch.empty(0, dtype=bf16)                                 # CUDA launches write bf16 output
         launches.append((mxfp4_kernel._grouped_kernel, args, meta,
                          {"y_ptr": y, "DOT_DTYPE": tl.bfloat16, "DOT_PRECISION": None}))
+    for args, meta in record(mxfp4_kernel, ("_scaled_kernel",), run_scaled)["_scaled_kernel"]:
+        launches.append((mxfp4_kernel._scaled_kernel, args, meta, {"y_ptr": y}))
     return launches
 
 

@@ -54,6 +54,29 @@ def test_kernel_equals_reference(R, counts, N, K, dtype):
     assert torch.equal(got[held:], torch.zeros_like(got[held:]))                               # documented zeros
 
 
+@pytest.mark.parametrize("R,counts,N,K", CASES)
+def test_dot_scaled_variant_equals_dequant_variant(R, counts, N, K):
+    """The packed bytes fed to tl.dot_scaled (bf16 activations) give the dequantising kernel's result, rows past
+    group_ends[-1] zero too."""
+    blocks, scales, bias = packed(len(counts), N, K, seed=R)
+    x = torch.randn(R, K, generator=torch.Generator().manual_seed(R)).to(DEVICE, torch.bfloat16)
+    ends, bias = ends_of(counts), bias.to(torch.bfloat16)
+    got = mxfp4_grouped_linear(x, ends, blocks, scales, bias, variant="dot_scaled")
+    want = mxfp4_grouped_linear(x, ends, blocks, scales, bias, variant="dequant")
+    held = sum(counts)
+    assert got.dtype == torch.bfloat16 and want[:held].abs().max() > 1.0
+    torch.testing.assert_close(got.float(), want.float(), rtol=2 ** -8, atol=1e-3)
+    assert torch.equal(got[held:], torch.zeros_like(got[held:]))
+
+
+def test_dot_scaled_variant_takes_bf16_only():
+    blocks, scales, _ = packed(1, 32, 64, seed=1)
+    with pytest.raises(ValueError, match="bf16"):
+        mxfp4_grouped_linear(torch.zeros(2, 64, device=DEVICE), ends_of([2]), blocks, scales, variant="dot_scaled")
+    with pytest.raises(ValueError, match="variant"):
+        mxfp4_grouped_linear(torch.zeros(2, 64, device=DEVICE), ends_of([2]), blocks, scales, variant="fast")
+
+
 def test_no_bias_strided_rows_and_int64_ends():
     blocks, scales, _ = packed(2, 64, 64, seed=5)
     x = torch.randn(20, 96, generator=torch.Generator().manual_seed(5)).to(DEVICE)[:, 16:80]  # row stride 96

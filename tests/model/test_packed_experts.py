@@ -122,7 +122,8 @@ def test_auto_path_choice(tiny_dirs):
 
 
 @needs_triton
-def test_bf16_kernel_path_equals_the_loop(tiny_dirs):
+@pytest.mark.parametrize("variant", ["dequant", "dot_scaled"])
+def test_bf16_kernel_path_equals_the_loop(tiny_dirs, variant):
     path = tiny_dirs("hd64")                                                            # 5 experts, top-3
     cfg = Checkpoint(path).config
     packed = PackedMXFP4Experts(cfg, torch.bfloat16, 4, 1, layer_idx=1)                 # expert 0 not held
@@ -131,7 +132,7 @@ def test_bf16_kernel_path_equals_the_loop(tiny_dirs):
     t = t.bfloat16()
     with torch.no_grad():
         want = packed(t, ids, w)
-        packed.use_kernel = True
+        packed.use_kernel, packed.kernel_variant = True, variant
         got = call(packed, t, ids, w)
     assert got.dtype == torch.bfloat16 and want.abs().max() > 0.1
     torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2 * want.abs().max().item())

@@ -10,6 +10,7 @@ Legend: N=rows (sequences + padding), M=block-table columns of a group, B=block 
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from model.decode_attention import KERNEL_AVAILABLE, decode_plan, paged_decode_attention
@@ -43,6 +44,7 @@ class DecodeMetadata:
         self.buffer = torch.zeros(sum(n for _, n in sizes), dtype=torch.long, device=self.device)     # [F]
         self._host = (self.buffer if self.device.type != "cuda"
                       else torch.zeros(self.buffer.shape, dtype=torch.long, pin_memory=True))    # staging, pinned
+        self._host_np = self._host.numpy()
         views, at = {}, 0
         for name, n in sizes:
             views[name], at = (at, n), at + n
@@ -63,6 +65,8 @@ class DecodeMetadata:
 
     def fill(self, spans: list[SeqSpan], token_ids: list[int]) -> None:
         """Write a step's rows (spans of one token each, in row order) and pad the rest; one host-to-device copy.
+        Written through numpy: only the blocks sequences use cross from Python lists (64 rows x 2,048 columns, the
+        tables of max_model_len 32k: 0.6 ms a step, 17 ms through torch.tensor of the padded lists).
 
         The pinned staging buffer is reused: the caller must have synchronised with the previous step's copy
         (the engine does, reading the sampled tokens back) before filling again.
@@ -70,26 +74,27 @@ class DecodeMetadata:
         if len(spans) > self.num_rows or any(s.num_tokens != 1 for s in spans):
             raise ValueError(f"DecodeMetadata holds {self.num_rows} single-token rows, got "
                              f"{[s.num_tokens for s in spans]}")
-        B, pad = self.cache.block_size, self.num_rows - len(spans)
-        values = {"input_ids": list(token_ids) + [0] * pad, "positions": [s.start for s in spans] + [0] * pad,
-                  "seq_lens": [s.start + 1 for s in spans] + [0] * pad}
+        B, n = self.cache.block_size, len(spans)
+        host = self._host_np                                      # numpy view of the staging (or CPU) buffer
+        host.fill(0)
+        field = lambda name: host[self._layout[name][0]:sum(self._layout[name])]        # noqa: E731
+        field("input_ids")[:n] = token_ids
+        field("positions")[:n] = [s.start for s in spans]
+        field("seq_lens")[:n] = [s.start + 1 for s in spans]               # padding rows: 0 keys, zero output
         for g, window in {g: w for g, w in zip(self.cache.groups, self.cache.windows)}.items():
-            M, scratch = self.columns[g], self.cache.scratch_slot(g)
+            M = self.columns[g]
             starts = [0 if g != SLIDING or window is None else max(0, s.start + 1 - window) // B for s in spans]
-            tables = []
-            for s, first in zip(spans, starts):
-                row = [max(b, 0) for b in s.block_tables[g][first:first + M]]
-                tables += row + [0] * (M - len(row))
-            values[f"write.{g}"] = [s.block_tables[g][s.start // B] * B + s.start % B for s in spans] + [scratch] * pad
-            values[f"start.{g}"] = starts + [0] * pad
-            values[f"tables.{g}"] = tables + [0] * (pad * M)
+            write = field(f"write.{g}")
+            write[:n] = [s.block_tables[g][s.start // B] * B + s.start % B for s in spans]
+            write[n:] = self.cache.scratch_slot(g)                        # padding rows write the scratch slot
+            field(f"start.{g}")[:n] = starts
+            tables = field(f"tables.{g}").reshape(self.num_rows, M)
+            for i, (s, first) in enumerate(zip(spans, starts)):          # only the blocks in use cross from Python
+                row = s.block_tables[g][first:first + M]
+                tables[i, :len(row)] = row
+            np.maximum(tables, 0, out=tables)                             # NULL_BLOCK (recycled) -> 0, never read
         self._plans.clear()
-        flat = [v for name in self._layout for v in values[name]]
-        host = torch.tensor(flat, dtype=torch.long)
-        if self._host is self.buffer:
-            self.buffer.copy_(host)
-        else:
-            self._host.copy_(host)
+        if self._host is not self.buffer:
             self.buffer.copy_(self._host, non_blocking=True)
 
     def attend(self, layer_idx, q, k, v, sinks, window, sm_scale):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from model.attention import mask_bias, sink_attention_heads
@@ -116,16 +117,19 @@ def _keys(spans: list[SeqSpan], group: str, window: int | None, q_pos: torch.Ten
 
 def _kernel_indices(spans: list[SeqSpan], firsts: list[int], cache: PagedKVCache, device):
     """The kernel's per-step indices from the host's lists in one host-to-device copy: (q_start, q_len, ctx_start),
-    each [N], and per group the block tables [N, M] from column 0, M = blocks up to the last query (-1 past a list)."""
+    each [N], and per group the block tables [N, M] from column 0, M = blocks up to the last query (-1 past a list).
+    Written through numpy, so only the blocks in use cross from Python lists."""
     B, N = cache.block_size, len(spans)
     M = max(-(-(s.start + s.num_tokens) // B) for s in spans)
     groups = sorted(set(cache.groups))
-    flat = firsts + [s.num_tokens for s in spans] + [s.start for s in spans]
-    for g in groups:
-        for s in spans:
-            row = s.block_tables[g][:M]
-            flat += row + [-1] * (M - len(row))
-    buf = torch.tensor(flat, dtype=torch.int32, device=device)
+    host = np.full(3 * N + len(groups) * N * M, -1, dtype=np.int32)
+    host[:3 * N] = firsts + [s.num_tokens for s in spans] + [s.start for s in spans]
+    for i, g in enumerate(groups):
+        table = host[3 * N + i * N * M:3 * N + (i + 1) * N * M].reshape(N, M)
+        for row, s in zip(table, spans):
+            blocks = s.block_tables[g][:M]
+            row[:len(blocks)] = blocks
+    buf = torch.from_numpy(host).to(device)
     tables = {g: buf[3 * N + i * N * M:3 * N + (i + 1) * N * M].view(N, M) for i, g in enumerate(groups)}
     return (buf[:N], buf[N:2 * N], buf[2 * N:3 * N]), tables                                   # [N] x 3, [N, M]
 

@@ -45,7 +45,3 @@ class CountedExperts(nn.Module):
 
     def slot_experts(self) -> list[int]:
         return list(range(self.inner.num_experts))
-
-    def num_expert_values(self) -> int:
-        """Stored expert values (weights as held: packed bytes count as stored), parameters and buffers."""
-        return sum(t.numel() for t in (*self.inner.parameters(), *self.inner.buffers()))

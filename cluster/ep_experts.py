@@ -11,8 +11,11 @@ import time
 
 import torch
 
+from torch import nn
+
 from model.config import ModelConfig
-from model.moe import LocalExperts, _groups
+from model.moe import LocalExperts
+from model.packed_experts import PackedMXFP4Experts
 
 
 class EPStats:
@@ -29,19 +32,24 @@ class EPStats:
         return counts, seconds
 
 
-class EPExperts(LocalExperts):
-    """This rank's S expert slots of one layer: LocalExperts' parameters and expert MLP (grouped GEMM where
-    available), indexed by local slot; which logical expert a slot holds comes from the placement."""
+class EPExperts(nn.Module):
+    """This rank's S expert slots of one layer, held by a local backend indexed by slot: dense (LocalExperts, grouped
+    GEMM where available) or packed MXFP4 (PackedMXFP4Experts: 17/32 byte per weight, the fused kernel on CUDA).
+    Which logical expert a slot holds comes from the placement."""
 
     def __init__(self, config: ModelConfig, layer_idx: int, rank: int, ep_size: int, placement, stats: EPStats,
-                 dtype: torch.dtype, group=None):
-        super().__init__(config, dtype, placement.slots_per_rank, 0)
+                 dtype: torch.dtype, group=None, packed: bool = False):
+        super().__init__()
+        S = placement.slots_per_rank
+        self.slots = (PackedMXFP4Experts(config, dtype, S, 0, layer_idx) if packed
+                      else LocalExperts(config, dtype, S, 0))
+        self.packed, self.dtype = packed, dtype
         self.layer_idx, self.rank, self.ep_size, self.group = layer_idx, rank, ep_size, group
         self.placement, self.stats = placement, stats
 
     @property
     def num_slots(self) -> int:
-        return self.gate_up_proj.shape[0]
+        return self.slots.num_experts
 
     def slot_experts(self) -> list[int]:
         """Logical expert held by each local slot under the current placement."""
@@ -49,12 +57,15 @@ class EPExperts(LocalExperts):
 
     @torch.no_grad()
     def load_from(self, checkpoint, dtype: torch.dtype, slots: list[int] | None = None) -> None:
-        """Read the experts of `slots` (default: all local slots) from the checkpoint, one expert at a time."""
+        """Read the experts of `slots` (default: all local slots) from the checkpoint, one expert at a time, as the
+        slot backend holds them (packed bytes, or dequantised)."""
         experts = self.slot_experts()
         for s in range(self.num_slots) if slots is None else slots:
             e = experts[s]
-            for key, value in checkpoint.experts(self.layer_idx, e, e + 1, dtype).items():
-                getattr(self, key)[s].copy_(value[0])
+            tensors = (checkpoint.packed_experts(self.layer_idx, e, e + 1) if self.packed
+                       else checkpoint.experts(self.layer_idx, e, e + 1, dtype))
+            for key, value in tensors.items():
+                getattr(self.slots, key)[s].copy_(value[0])
 
     def forward(self, t: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         T, K = expert_ids.shape
@@ -82,19 +93,11 @@ class EPExperts(LocalExperts):
         return out.to(t.dtype)
 
     def _grouped_mlp(self, x: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
-        """x [R, H] rows for local slots `slot` [R] -> expert outputs [R, H] (no routing weight)."""
+        """x [R, H] rows for local slots `slot` [R] -> expert outputs [R, H] (no routing weight): the slot backend
+        with one expert per row at weight 1 (exact: x 1.0 in fp32)."""
         if x.shape[0] == 0:
             return x.clone()
-        order = torch.argsort(slot, stable=True)                                         # [R] by slot
-        counts = torch.bincount(slot, minlength=self.num_slots)                          # [S]
-        xs = x[order]
-        if self.grouped_ok(x):
-            ys = self._grouped(xs, slot[order], counts)
-        else:
-            ys = torch.cat([self.expert_forward(e, xs[s:s + n]) for e, s, n in _groups(counts.tolist())])
-        out = torch.empty_like(x)
-        out[order] = ys.to(x.dtype)
-        return out
+        return self.slots(x, slot[:, None], torch.ones(slot.shape[0], 1, device=x.device))
 
     def _exchange_counts(self, send_counts: torch.Tensor) -> torch.Tensor:
         recv = torch.empty_like(send_counts)

@@ -36,12 +36,15 @@ class EPConfig:
     rebalance_interval_steps: int = 1000      # 0: only on request
     window_steps: int = 1000                  # load statistics window of the router
     report_every_steps: int = 16              # expert counts batched into one router call
+    experts: str = "auto"                     # slots held "dense", "packed" (MXFP4), or "auto": packed on CUDA
 
     def __post_init__(self):
         if self.ep_size < 1:
             raise ValueError(f"ep_size must be at least 1, got {self.ep_size}")
         if self.placement_strategy not in ("PACK", "SPREAD"):
             raise ValueError(f"placement_strategy must be PACK or SPREAD, got {self.placement_strategy!r}")
+        if self.experts not in ("auto", "dense", "packed"):
+            raise ValueError(f"experts must be auto, dense or packed, got {self.experts!r}")
 
 
 class EPStepError(RuntimeError):
@@ -64,7 +67,8 @@ class EPGroup:
         bundle = rank_bundle(ep.device)
         self.workers = [worker.options(scheduling_strategy=on_bundle(pg, first + r), num_cpus=bundle["CPU"],
                                        num_gpus=bundle.get("GPU", 0))
-                        .remote(r, ep.ep_size, str(model_dir), engine, ep.dtype, ep.device, tuple(eos_token_ids))
+                        .remote(r, ep.ep_size, str(model_dir), engine, ep.dtype, ep.device, tuple(eos_token_ids),
+                                ep.experts)
                         for r in range(ep.ep_size)]
         host, port = ray.get(self.workers[0].rendezvous_address.remote())
         self._call("setup", [(host, port, placement, ep.collective_timeout_s)] * ep.ep_size)

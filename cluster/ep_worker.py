@@ -23,7 +23,7 @@ from engine.sampling_params import SamplingParams
 from engine.token_output import TokenOutput
 from model.checkpoint import Checkpoint
 from model.config import ModelConfig
-from model.loader import expert_factory, load_model
+from model.loader import expert_factory, load_model, packed_experts_chosen
 from model.moe import LocalExperts
 
 logger = logging.getLogger(__name__)
@@ -45,8 +45,9 @@ class StepResult:
 
 class EPWorker:
     def __init__(self, rank: int, ep_size: int, model_dir: str, engine_config: EngineConfig,
-                 dtype: str = "float32", device: str = "cpu", eos_token_ids: tuple[int, ...] = ()):
-        self.rank, self.ep_size, self.model_dir = rank, ep_size, model_dir
+                 dtype: str = "float32", device: str = "cpu", eos_token_ids: tuple[int, ...] = (),
+                 experts: str = "auto"):
+        self.rank, self.ep_size, self.model_dir, self.experts_choice = rank, ep_size, model_dir, experts
         self.engine_config, self.eos_token_ids = engine_config, eos_token_ids
         self.dtype = getattr(torch, dtype)
         self.device = torch.device(device if device == "cpu" else f"cuda:{torch.cuda.current_device()}")
@@ -68,12 +69,13 @@ class EPWorker:
         self.placement = placement.to(self.device)
         engine_config = self.engine_config
         if self.single:
-            local = expert_factory(self.model_dir, self.dtype, self.device) or (
+            local = expert_factory(self.model_dir, self.dtype, self.device, self.experts_choice) or (
                 lambda _: LocalExperts(config, self.dtype))
             experts = lambda i: CountedExperts(local(i), i, self.stats)                    # noqa: E731
         else:
+            packed = packed_experts_chosen(self.model_dir, self.device, self.experts_choice)
             experts = lambda i: EPExperts(config, i, self.rank, self.ep_size, self.placement,  # noqa: E731
-                                          self.stats, self.dtype)
+                                          self.stats, self.dtype, packed=packed)
             # No CUDA graphs: the all-to-all takes its split sizes from the host.
             engine_config = dataclasses.replace(engine_config, cuda_graphs=False)
         model = load_model(self.model_dir, self.dtype, self.device, experts=experts)
@@ -143,9 +145,8 @@ class EPWorker:
                 "num_waiting": sched.num_waiting, "num_preemptions": sched.num_preemptions}
 
     def num_expert_params(self) -> int:
-        if self.single:
-            return sum(e.num_expert_values() for e in self.experts)
-        return sum(p.numel() for e in self.experts for p in e.parameters())
+        """Expert values this rank stores (parameters and buffers; packed bytes count as stored)."""
+        return sum(t.numel() for e in self.experts for t in (*e.parameters(), *e.buffers()))
 
     def slot_experts(self) -> list[list[int]]:
         return [e.slot_experts() for e in self.experts]

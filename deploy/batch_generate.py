@@ -108,6 +108,7 @@ def _start_ep_group(args, engine_config, stop_ids):
     ray.init(num_cpus=max(args.ep_size + 1, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False,
              _node_ip_address="127.0.0.1", configure_logging=False)
     group = EPGroup(args.model_dir, EPConfig(ep_size=args.ep_size, redundant_experts=args.redundant_experts,
-                                             device=args.device, dtype=args.dtype), engine_config, stop_ids)
+                                             device=args.device, dtype=args.dtype, experts=args.experts),
+                    engine_config, stop_ids)
     atexit.register(lambda: (group.shutdown(), ray.shutdown()))
     return group

@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--max-num-seqs", type=int, default=64)
     r.add_argument("--experts", choices=("auto", "dense", "packed"), default="auto",
                    help="packed: MXFP4 experts kept packed (fused kernel on CUDA); auto: packed on CUDA for MXFP4 "
-                        "checkpoints, dense otherwise (without --ep-size)")
+                        "checkpoints, dense otherwise (EP ranks' slots too)")
     r.add_argument("--out", default=None, help="output JSONL (default: stdout), lines in input order")
     r.add_argument("--ep-size", type=int, default=0, help="expert-parallel ranks on a local Ray cluster (0: none)")
     r.add_argument("--redundant-experts", type=int, default=0, help="extra expert slots per layer (with --ep-size)")

@@ -48,19 +48,23 @@ def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32, device
     return model.eval().requires_grad_(False)
 
 
-def expert_factory(model_dir: str | Path, dtype: torch.dtype, device: str | torch.device,
-                   choice: str = "auto") -> ExpertFactory | None:
-    """The experts a single-process model holds: "dense" (LocalExperts, None here: load_model's default), "packed"
-    (PackedMXFP4Experts: MXFP4 bytes in memory, ~4x smaller; the fused kernel on CUDA), or "auto": packed on CUDA when
-    the checkpoint stores MXFP4 experts (how gpt-oss-120b fits one 80 GB GPU), dense elsewhere."""
+def packed_experts_chosen(model_dir: str | Path, device: str | torch.device, choice: str = "auto") -> bool:
+    """Whether experts are held packed: "packed", "dense", or "auto" = packed on CUDA when the checkpoint stores MXFP4
+    experts (how gpt-oss-120b fits one 80 GB GPU), dense elsewhere. "packed" needs an MXFP4 checkpoint."""
     if choice not in EXPERT_CHOICES:
         raise ValueError(f"experts must be one of {EXPERT_CHOICES}, got {choice!r}")
-    ckpt = Checkpoint(model_dir)
-    mxfp4 = ckpt.layout != HF_BF16
+    mxfp4 = Checkpoint(model_dir).layout != HF_BF16
     if choice == "packed" and not mxfp4:
         raise CheckpointError(f"{model_dir}: experts are stored unquantised (bf16); packed MXFP4 experts need an "
                               "MXFP4 checkpoint (use experts 'dense')")
-    if choice == "dense" or (choice == "auto" and not (mxfp4 and torch.device(device).type == "cuda")):
+    return choice == "packed" or (choice == "auto" and mxfp4 and torch.device(device).type == "cuda")
+
+
+def expert_factory(model_dir: str | Path, dtype: torch.dtype, device: str | torch.device,
+                   choice: str = "auto") -> ExpertFactory | None:
+    """The experts a single-process model holds (see packed_experts_chosen): PackedMXFP4Experts (MXFP4 bytes in
+    memory, ~4x smaller; the fused kernel on CUDA), or None for load_model's default, dense LocalExperts."""
+    if not packed_experts_chosen(model_dir, device, choice):
         return None
-    cfg = ckpt.config
+    cfg = Checkpoint(model_dir).config
     return lambda i: PackedMXFP4Experts(cfg, dtype, layer_idx=i)

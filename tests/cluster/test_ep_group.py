@@ -90,6 +90,27 @@ def test_rebalance_mid_generation_changes_no_token(ray_cluster, checkpoints, pro
         assert placement.logcnt[layer, hot] > placement.logcnt[layer, cold]
 
 
+def test_packed_slots_give_the_local_tokens_and_survive_a_rebalance(ray_cluster, checkpoints, prompts):
+    """Ranks holding their slots as packed MXFP4 (what CUDA ranks do for MXFP4 checkpoints): the local engine's
+    greedy tokens, a mid-generation rebalance reloads moved slots as packed bytes, each rank stores 17/32 byte per
+    expert weight of its slots (plus biases), never a dense copy."""
+    path = checkpoints[8]
+    local = [o[0].output_token_ids for o in LLMEngine(load_model(path), ENGINE).generate(prompts, GREEDY)]
+    config = EPConfig(ep_size=2, redundant_experts=2, rebalance_interval_steps=0, collective_timeout_s=20,
+                      experts="packed")
+    group = EPGroup(str(path), config, ENGINE)
+    try:
+        stored = group.num_expert_params()
+        moved, when = [], group.num_steps + 6
+        got = run_group(group, prompts, on_step=lambda g: moved.append(g.rebalance()) if g.num_steps == when else None)
+    finally:
+        group.shutdown()
+    assert got == local and moved and moved[0] > 0
+    H = I = 64
+    per_expert = (2 * I * H + H * I) * 17 // 32 + 2 * I + H          # blocks + scales, biases
+    assert stored == [2 * 5 * per_expert] * 2                          # 2 layers x (8 + 2) / 2 slots per rank
+
+
 def test_dead_rank_fails_the_step_quickly_and_names_it(ray_cluster, checkpoints, prompts):
     group = EPGroup(str(checkpoints[8]), EPConfig(ep_size=2, collective_timeout_s=5), ENGINE)
     try:

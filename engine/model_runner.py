@@ -65,14 +65,14 @@ class ModelRunner:
             except RuntimeError as e:       # a backend that syncs (e.g. an expert loop): decode eagerly instead
                 logger.warning("decode CUDA graphs disabled, capture failed: %s", str(e).splitlines()[0])
         self.forwards = 0                                   # forward passes run (EP ranks report it)
-        self.last_rows = (0, 0)                             # (rows the last forward saw, real rows first among them)
+        self.last_rows = (0, 0, False)          # (rows the last forward saw, real rows first among them, graphed)
 
     @torch.no_grad()
     def run(self, batch: ScheduledBatch) -> torch.Tensor:
         """Forward the batch; logits [R, V] fp32 of the sampling rows' last tokens, in row order."""
         self.forwards += 1
         spans = [SeqSpan(s.start_position, s.num_tokens, s.block_tables) for s in batch.seqs]
-        self.last_rows = (batch.num_tokens, batch.num_tokens)
+        self.last_rows = (batch.num_tokens, batch.num_tokens, False)
         if all(s.num_tokens == 1 and s.samples for s in batch.seqs):
             return self._decode(spans, batch.input_ids())
         metadata = PagedMetadata(self.kv_cache, spans, self.device)
@@ -89,7 +89,7 @@ class ModelRunner:
 
     def _decode(self, spans: list[SeqSpan], token_ids: list[int]) -> torch.Tensor:
         if self.graphs is not None and len(spans) <= self.graphs.max_size:
-            self.last_rows = (self.graphs.size_for(len(spans)), len(spans))                  # padded graph rows
+            self.last_rows = (self.graphs.size_for(len(spans)), len(spans), True)            # padded graph rows
             return self.graphs.run(spans, token_ids)                                        # [N, V]
         metadata = DecodeMetadata.for_step(self.kv_cache, spans, token_ids, self.device)
         hidden = self.model(metadata.input_ids, metadata.positions, metadata)               # [N, H]

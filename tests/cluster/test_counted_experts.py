@@ -27,21 +27,26 @@ def test_wrapped_backends_load_and_compute_like_the_plain_model(tmp_path):
         assert model.model.layers[1].mlp.experts.slot_experts() == list(range(6))
 
 
-def test_counts_only_the_real_rows_of_the_forward_the_step_ran(tmp_path):
+def test_counts_only_the_real_rows_of_the_forward_the_step_ran(tmp_path, monkeypatch):
+    """A captured graph's ids stay its own (an eager forward of as many rows in between does not replace them); a
+    replay counts its real rows only; an eager step counts the last eager forward."""
+    from cluster import counted_experts
     cfg = ModelConfig.from_dir(write_tiny(tmp_path / "m", SPEC))
     stats = EPStats(1, 6, "cpu")
     experts = CountedExperts(LocalExperts(cfg, torch.float32).requires_grad_(False), 0, stats)
     torch.nn.init.normal_(experts.inner.gate_up_proj)
     g = torch.Generator().manual_seed(2)
     t8, t5 = torch.randn(8, 64, generator=g), torch.randn(5, 64, generator=g)
-    logits8, logits5 = torch.randn(8, 6, generator=g), torch.randn(5, 6, generator=g)
-    (w8, ids8), (w5, ids5) = route(logits8, 2), route(logits5, 2)
-    experts(t8, ids8, w8)                              # a padded graph of 8 rows, 3 real
-    experts(t5, ids5, w5)                              # an eager forward of 5 rows in between (another size)
-    experts.count(8, 3)
+    (w8, ids8), (w8b, ids8b), (w5, ids5) = (route(torch.randn(n, 6, generator=g), 2) for n in (8, 8, 5))
+    monkeypatch.setattr(counted_experts, "capturing", lambda: True)
+    experts(t8, ids8, w8)                              # "captured": the graph of 8 rows
+    monkeypatch.setattr(counted_experts, "capturing", lambda: False)
+    experts(t8, ids8b, w8b)                            # an eager forward of 8 rows (a prefill chunk of 8 tokens)
+    experts.count(8, 3, graphed=True)                  # a replay of the 8-row graph with 3 real rows
     assert torch.equal(stats.counts[0], torch.bincount(ids8[:3].flatten(), minlength=6))
-    experts.count(5, 5)
-    assert int(stats.counts[0].sum()) == 3 * 2 + 5 * 2
-    experts.count(4, 4)                                # no forward of 4 rows: nothing to count
-    experts.count(8, 0)
+    experts(t5, ids5, w5)
+    experts.count(5, 5, graphed=False)
+    assert torch.equal(stats.counts[0], torch.bincount(torch.cat([ids8[:3], ids5]).flatten(), minlength=6))
+    experts.count(4, 4, graphed=True)                  # no graph of 4 rows: nothing to count
+    experts.count(8, 0, graphed=True)
     assert int(stats.counts[0].sum()) == 16

@@ -67,9 +67,11 @@ def test_scale_from_one_to_two_replicas_while_serving(scaled_app):
         for t in threads:
             t.join()
     assert not failures, failures
-    steps = {}
-    for _ in range(30):
-        s = handle.stats.remote().result()
-        steps[s["replica"]] = s["steps"]
+    # Stats of each replica: calls in flight together, since an idle handle may send a lone call to the same replica
+    # every time.
+    steps, deadline = {}, time.monotonic() + 60
+    while set(steps) != replicas and time.monotonic() < deadline:
+        for s in [r.result() for r in [handle.stats.remote() for _ in range(8)]]:
+            steps[s["replica"]] = s["steps"]
     assert set(steps) == replicas and all(n > 0 for n in steps.values()), steps   # both replicas answered
     assert all(a.strip() == "3" for a in answers[-6:])

@@ -30,19 +30,17 @@ def time_ours(engine: LLMEngine, prompts: list[list[int]], steps: int) -> tuple[
     params = SamplingParams(temperature=0.0, max_tokens=engine.config.max_model_len, ignore_eos=True)
     for rid, prompt in zip(ids, prompts):
         engine.add_request(rid, prompt, params)
-    tokens: dict[str, list[int]] = {}
-    while len(tokens) < len(ids):                              # prefill (and early decodes while others prefill)
-        tokens.update((out.request_id, out.output_token_ids) for out in engine.step())
+    started: set[str] = set()
+    while len(started) < len(ids):                             # prefill (and early decodes while others prefill)
+        started.update(out.request_id for out in engine.step())
     start = time.perf_counter()
     for _ in range(steps):
         outputs = engine.step()
         if len(outputs) != len(ids) or any(out.finished for out in outputs):
             raise RuntimeError(f"a timed decode step advanced {len(outputs)} of {len(ids)} sequences; raise "
                                "max_model_len or the KV cache of the benchmark engine")
-        tokens.update((out.request_id, out.output_token_ids) for out in outputs)
     seconds = time.perf_counter() - start
-    for rid in ids:
-        engine.abort(rid)
+    tokens = {out.request_id: out.output_token_ids for rid in ids for out in engine.abort(rid)}   # final outputs
     return len(ids) * steps / seconds, [tokens[rid][:steps + 1] for rid in ids]
 
 

@@ -122,20 +122,18 @@ def decode_ours(engine: LLMEngine, batch: list[list[int]], steps: int) -> tuple[
     ids = [f"gpu-check-{next(_ids)}" for _ in batch]
     for rid, p in zip(ids, batch):
         engine.add_request(rid, p, params)
-    tokens: dict[str, list[int]] = {}
-    while len(tokens) < len(ids):                                          # prefill, possibly chunked
-        tokens.update((o.request_id, o.output_token_ids) for o in engine.step())
+    started: set[str] = set()
+    while len(started) < len(ids):                                         # prefill, possibly chunked
+        started.update(o.request_id for o in engine.step())
     sync(device)
     start = time.perf_counter()
     for _ in range(steps):
         outputs = engine.step()
         if len(outputs) != len(ids):
             raise RuntimeError(f"a timed step advanced {len(outputs)} of {len(ids)} sequences")
-        tokens.update((o.request_id, o.output_token_ids) for o in outputs)
     sync(device)
     seconds = time.perf_counter() - start
-    for rid in ids:
-        engine.abort(rid)
+    tokens = {o.request_id: o.output_token_ids for rid in ids for o in engine.abort(rid)}        # final outputs
     return len(ids) * steps / seconds, [tokens[rid][:steps + 1] for rid in ids]
 
 

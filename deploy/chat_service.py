@@ -101,7 +101,10 @@ class SequenceResult:
     output_text: str | None = None
 
     def add(self, out: TokenOutput) -> None:
-        self.token_ids = list(out.output_token_ids)
+        if out.finished:
+            self.token_ids = list(out.output_token_ids)
+        else:
+            self.token_ids += out.new_token_ids
         self.logprobs += out.logprobs
         self.top_logprobs += out.top_logprobs
         self.finish_reason, self.stop_reason, self.output_text = out.finish_reason, out.stop_reason, out.output_text
@@ -216,7 +219,7 @@ class _ChoiceStream:
         self.num_tokens = 0
 
     def update(self, out: TokenOutput) -> list[ChatCompletionChunkChoice]:
-        self.num_tokens = len(out.output_token_ids)
+        self.num_tokens = out.num_output_tokens
         delta = self.parser.feed(out.new_token_ids)
         if out.finished:
             delta.merge(self.parser.finish())

@@ -98,7 +98,7 @@ class _SequenceStream:
         self.num_tokens = 0
 
     def update(self, index: int, out: TokenOutput) -> CompletionChoice | None:
-        self.num_tokens = len(out.output_token_ids)
+        self.num_tokens = out.num_output_tokens
         ids = out.new_token_ids
         if out.finished and ends_with_stop_id(out.output_token_ids, out.finish_reason, out.stop_reason):
             ids = ids[:-1]

@@ -106,11 +106,13 @@ class LLMEngine:
 
     def _output(self, seq: Sequence, new: list[int], logprobs=(), top=()) -> TokenOutput:
         index = self._index.pop(seq.seq_id) if seq.is_finished else self._index[seq.seq_id]
+        done = seq.is_finished                  # the whole output travels once, with the final TokenOutput
         return TokenOutput(request_id=seq.request_id, index=index, new_token_ids=new,
-                           output_token_ids=list(seq.output_token_ids), num_prompt_tokens=seq.num_prompt_tokens,
-                           finished=seq.is_finished, finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
-                           output_text=getattr(seq, "output_text", None), logprobs=list(logprobs),
-                           top_logprobs=list(top), queue_time_s=_queue_time(seq, new))
+                           output_token_ids=list(seq.output_token_ids) if done else [],
+                           num_prompt_tokens=seq.num_prompt_tokens, finished=done, finish_reason=seq.finish_reason,
+                           stop_reason=seq.stop_reason, output_text=getattr(seq, "output_text", None) if done else None,
+                           logprobs=list(logprobs), top_logprobs=list(top), queue_time_s=_queue_time(seq, new),
+                           num_output_tokens=seq.num_output_tokens)
 
     # ---- synchronous driver ----
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]

@@ -9,12 +9,14 @@ class TokenOutput:
     request_id: str
     index: int                                    # which of the request's n completions
     new_token_ids: list[int]                      # generated this step (one token per step today)
-    output_token_ids: list[int]                   # all generated so far
+    output_token_ids: list[int]                   # every generated token, on the finished output only ([] before:
+                                                  # a stream accumulates new_token_ids; O(1) per step, not O(output))
     num_prompt_tokens: int
     finished: bool = False
     finish_reason: str | None = None              # "stop" | "length" | "abort" once finished
     stop_reason: int | str | None = None          # the stop token id or stop string that matched
-    output_text: str | None = None                # set when a stop string cut the text (StopChecker)
+    output_text: str | None = None                # finished by a stop string: the text cut there (StopChecker)
     queue_time_s: float | None = None             # on the first token: arrival -> first scheduled
     logprobs: list[float] = field(default_factory=list)                 # one per new token, when asked
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    num_output_tokens: int = 0                    # generated so far (len(output_token_ids) once finished)

@@ -144,8 +144,10 @@ class FakeBackend:
         if reason is None and (len(ids) >= p.max_tokens or len(ids) == len(script)):
             reason = "length"
         k = p.logprobs
-        return TokenOutput(request.request_id, index, [token], list(ids), len(request.prompt_token_ids),
-                           finished=reason is not None, finish_reason=reason, stop_reason=stop, output_text=text,
+        done = reason is not None                      # the engine's contract: the whole output with the last one
+        return TokenOutput(request.request_id, index, [token], list(ids) if done else [],
+                           len(request.prompt_token_ids), num_output_tokens=len(ids),
+                           finished=done, finish_reason=reason, stop_reason=stop, output_text=text,
                            logprobs=[] if k is None else [-0.25],
                            top_logprobs=[] if k is None else [[(token, -0.25), (0, -3.0)][:k]])
 

@@ -112,3 +112,22 @@ def test_stream_and_disconnect_abort(tiny_model, ragged_prompts):
     got, first = asyncio.run(main())
     assert len(got) == MAX_TOKENS and len(first.new_token_ids) == 1
     assert not engine.has_unfinished() and all_free(engine)
+
+
+def test_outputs_carry_the_whole_output_only_when_finished(tiny_model, ragged_prompts):
+    """Per step a sequence's TokenOutput holds its new token and a count (O(1), also through Ray between EP ranks
+    and the replica); the final one holds every generated token, equal to the new tokens streamed."""
+    engine = LLMEngine(tiny_model, EngineConfig(max_num_seqs=4, max_num_batched_tokens=64, block_size=4,
+                                                max_model_len=256))
+    for i in range(3):
+        engine.add_request(f"r{i}", ragged_prompts[i + 5], greedy())
+    streamed, final = {f"r{i}": [] for i in range(3)}, {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            streamed[out.request_id] += out.new_token_ids
+            assert out.num_output_tokens == len(streamed[out.request_id])
+            if out.finished:
+                final[out.request_id] = out.output_token_ids
+            else:
+                assert out.output_token_ids == [] and out.output_text is None
+    assert final == streamed and all(len(v) == MAX_TOKENS for v in final.values())

@@ -25,8 +25,8 @@ _NO_WINDOW = 1 << 30                                   # window None: more keys 
 def paged_decode_attention(q: torch.Tensor, k_heads: torch.Tensor, v_heads: torch.Tensor,
                            block_tables: torch.Tensor, table_start: torch.Tensor, seq_lens: torch.Tensor,
                            sinks: torch.Tensor, window: int | None, sm_scale: float, block_size: int,
-                           impl: str | None = None, plan: tuple[torch.Tensor, torch.Tensor] | None = None
-                           ) -> torch.Tensor:
+                           impl: str | None = None, plan: tuple[torch.Tensor, torch.Tensor] | None = None,
+                           zero_slot: int | None = None) -> torch.Tensor:
     """q [N, n, D], k_heads/v_heads [k, slots, D] (slot = block_id * B + offset; the newest token already written),
     block_tables [N, M], table_start [N], seq_lens [N] (int32 or int64), sinks [n] -> o [N, n, D] in q's dtype.
 
@@ -38,13 +38,14 @@ def paged_decode_attention(q: torch.Tensor, k_heads: torch.Tensor, v_heads: torc
     table_start and table may be garbage) give zeros. Scores and softmax in fp32.
     impl: "triton" (the kernel; CPU tensors run only under TRITON_INTERPRET=1), "torch" (the fallback), or None:
     the kernel for CUDA tensors when triton imports, else the fallback. plan: the torch path's `decode_plan` of
-    these tables, shared by the layers of a group (ignored by the kernel).
+    these tables, shared by the layers of a group, and zero_slot: a cache slot that always holds zeros (both ignored
+    by the kernel).
     """
     if impl is None:
         impl = "triton" if KERNEL_AVAILABLE and q.is_cuda else "torch"
     args = (q, k_heads, v_heads, block_tables, table_start, seq_lens, sinks, window, sm_scale, block_size)
     if impl == "torch":
-        return decode_attention_torch(*args, plan=plan)
+        return decode_attention_torch(*args, plan=plan, zero_slot=zero_slot)
     if impl != "triton":
         raise ValueError(f"paged_decode_attention: impl must be 'triton', 'torch' or None, got {impl!r}")
     if not KERNEL_AVAILABLE:
@@ -53,9 +54,11 @@ def paged_decode_attention(q: torch.Tensor, k_heads: torch.Tensor, v_heads: torc
 
 
 def decode_plan(block_tables: torch.Tensor, table_start: torch.Tensor, seq_lens: torch.Tensor, window: int | None,
-                block_size: int, num_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+                block_size: int, num_blocks: int, zero_slot: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The torch path's per-step work that every layer of a KV group shares: (read slots [N, S] (invalid ids
-    clamped to block 0), allowed [N, S] bool), S = M * B candidate keys. Static shapes, no host sync."""
+    clamped to block 0), allowed [N, S] bool), S = M * B candidate keys. Static shapes, no host sync.
+    zero_slot: a cache slot that always holds zeros (PagedKVCache.zero_slot); keys not allowed are read from there,
+    so the gathered keys and values need no masking."""
     (N, M), B, device = block_tables.shape, block_size, block_tables.device
     tables = block_tables.long()                                                                  # [N, M]
     real = (tables >= 0) & (tables < num_blocks)                                                  # [N, M]
@@ -65,23 +68,28 @@ def decode_plan(block_tables: torch.Tensor, table_start: torch.Tensor, seq_lens:
     pos = ((table_start.long()[:, None] + cols) * B)[:, :, None] + offset                         # [N, M, B]
     end = seq_lens.long()[:, None, None]                                                          # [N, 1, 1]
     lo = 0 if window is None else (end - window).clamp(min=0)                                    # first visible
-    allowed = real[:, :, None] & (pos >= lo) & (pos < end)                                        # [N, M, B]
-    return read, allowed.reshape(N, M * B)
+    allowed = (real[:, :, None] & (pos >= lo) & (pos < end)).reshape(N, M * B)                   # [N, S]
+    if zero_slot is not None:
+        read = torch.where(allowed, read, zero_slot)
+    return read, allowed
 
 
 def decode_attention_torch(q, k_heads, v_heads, block_tables, table_start, seq_lens, sinks, window, sm_scale,
-                           block_size, plan: tuple[torch.Tensor, torch.Tensor] | None = None):
+                           block_size, plan: tuple[torch.Tensor, torch.Tensor] | None = None,
+                           zero_slot: int | None = None):
     """The fallback: gather all M * B candidate keys of every sequence, mask by position, `sink_attention_heads`.
 
     Shapes depend only on (N, M, B, n, k, D); invalid table entries are clamped to block 0 and masked out.
-    plan: `decode_plan(...)` of these tables, when the caller shares it between the layers of a group."""
+    plan: `decode_plan(...)` of these tables, when the caller shares it between the layers of a group; zero_slot:
+    the cache's always-zero slot the plan redirected masked keys to (then the gathered keys need no masking)."""
     (N, n, D), (kv, slots, _) = q.shape, k_heads.shape
-    read, allowed = plan or decode_plan(block_tables, table_start, seq_lens, window, block_size, slots // block_size)
+    read, allowed = plan or decode_plan(block_tables, table_start, seq_lens, window, block_size, slots // block_size,
+                                        zero_slot)
     S = read.shape[1]
     qh = q.view(N, kv, n // kv, 1, D).permute(1, 0, 2, 3, 4)                                      # [k, N, g, 1, D]
-    # Zero the keys the query does not see: a stale slot holding inf/nan must not leak through 0 * nan.
-    kh, vh = (torch.where(allowed[:, :, None], x.index_select(1, read.flatten()).view(kv, N, S, D), 0)
-              for x in (k_heads, v_heads))                                                        # [k, N, S, D]
+    kh, vh = (x.index_select(1, read.flatten()).view(kv, N, S, D) for x in (k_heads, v_heads))   # [k, N, S, D]
+    if zero_slot is None:       # zero the keys not seen: a stale slot's inf/nan must not leak through 0 * nan
+        kh, vh = (torch.where(allowed[:, :, None], x, 0) for x in (kh, vh))
     if q.dtype == torch.float32:                                 # a 16-bit cache under fp32 queries: upcast keys
         kh, vh = kh.float(), vh.float()
     o = sink_attention_heads(qh, kh, vh, sinks, mask_bias(allowed[:, None]), sm_scale)           # [k, N, g, 1, D]

@@ -108,7 +108,8 @@ class DecodeMetadata:
         if self.impl == "torch":                    # masks and read slots once per group, not once per layer
             if (group, window) not in self._plans:
                 B = self.cache.block_size
-                self._plans[group, window] = decode_plan(*args, window, B, k_heads.shape[1] // B)
+                self._plans[group, window] = decode_plan(*args, window, B, k_heads.shape[1] // B,
+                                                         self.cache.zero_slot(group))
             plan = self._plans[group, window]
         return paged_decode_attention(q, k_heads, v_heads, *args, sinks, window, sm_scale, self.cache.block_size,
-                                      impl=self.impl, plan=plan)
+                                      impl=self.impl, plan=plan, zero_slot=self.cache.zero_slot(group))

@@ -43,18 +43,23 @@ class PagedKVCache:
         self.windows = [config.window(i) for i in range(config.num_hidden_layers)]
         self.num_blocks = dict(num_blocks)
         kv, D = config.num_key_value_heads, config.head_dim
-        # One scratch block past each pool's last: padding rows of a fixed-size (CUDA-graph) decode write there.
-        self.k_heads = [torch.zeros(kv, (num_blocks[g] + 1) * block_size, D, dtype=dtype, device=device)
+        # Two blocks past each pool's last: a scratch block that padding rows of a fixed-size (CUDA-graph) decode
+        # write, and a block of zeros nothing writes, which the torch decode path reads for keys it masks out.
+        self.k_heads = [torch.zeros(kv, (num_blocks[g] + 2) * block_size, D, dtype=dtype, device=device)
                         for g in self.groups]                                                  # [k, slots, D]
         self.v_heads = [torch.zeros_like(t) for t in self.k_heads]
-        self.k = [t.view(kv, num_blocks[g] + 1, block_size, D).permute(1, 2, 0, 3)[:num_blocks[g]]
+        self.k = [t.view(kv, num_blocks[g] + 2, block_size, D).permute(1, 2, 0, 3)[:num_blocks[g]]
                   for t, g in zip(self.k_heads, self.groups)]                                  # [blocks, B, k, D]
-        self.v = [t.view(kv, num_blocks[g] + 1, block_size, D).permute(1, 2, 0, 3)[:num_blocks[g]]
+        self.v = [t.view(kv, num_blocks[g] + 2, block_size, D).permute(1, 2, 0, 3)[:num_blocks[g]]
                   for t, g in zip(self.v_heads, self.groups)]
 
     def scratch_slot(self, group: str) -> int:
         """A slot no block id maps to: where padding rows write their (ignored) keys and values."""
         return self.num_blocks[group] * self.block_size
+
+    def zero_slot(self, group: str) -> int:
+        """A slot that always holds zeros (no block id maps to it, nothing writes it)."""
+        return (self.num_blocks[group] + 1) * self.block_size
 
     @staticmethod
     def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype, group: str) -> int:

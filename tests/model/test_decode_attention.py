@@ -284,3 +284,17 @@ def test_cuda_graph_replay_reads_new_lengths(impl):
     graph.replay()
     torch.cuda.synchronize()
     check(out.cpu(), second.to("cpu"))
+
+
+@pytest.mark.parametrize("name", ["full_ragged", "window_all_regimes", "window_table_from_0"])
+def test_torch_fallback_reading_masked_keys_from_a_zero_slot(name):
+    """With the cache's always-zero slot (PagedKVCache.zero_slot), masked keys are read from there instead of being
+    zeroed after the gather: the same output, though every other invisible slot holds nan."""
+    seq_lens, window, kw = CASES[name]
+    case = make_case(seq_lens, window, **kw)
+    B, (kv, _, D) = case.block_size, case.k_heads.shape
+    zeros = torch.zeros(kv, B, D, dtype=case.k_heads.dtype)
+    k, v = torch.cat([case.k_heads, zeros], 1), torch.cat([case.v_heads, zeros], 1)
+    zero_slot = case.k_heads.shape[1]
+    args = (case.q, k, v, *case.args()[3:])
+    check(paged_decode_attention(*args, impl="torch", zero_slot=zero_slot), case)

@@ -11,15 +11,8 @@ from __future__ import annotations
 import torch
 
 from model.attention import mask_bias, sink_attention_heads
+from model.triton_support import KERNEL_AVAILABLE, NO_WINDOW, choose_impl, tl, triton
 
-try:
-    import triton
-    import triton.language as tl
-    KERNEL_AVAILABLE = True
-except ImportError:                                    # triton is optional: the torch fallback covers every device
-    KERNEL_AVAILABLE = False
-
-_NO_WINDOW = 1 << 30                                   # window None: more keys than any sequence has
 
 
 def paged_decode_attention(q: torch.Tensor, k_heads: torch.Tensor, v_heads: torch.Tensor,
@@ -41,15 +34,9 @@ def paged_decode_attention(q: torch.Tensor, k_heads: torch.Tensor, v_heads: torc
     these tables, shared by the layers of a group, and zero_slot: a cache slot that always holds zeros (both ignored
     by the kernel).
     """
-    if impl is None:
-        impl = "triton" if KERNEL_AVAILABLE and q.is_cuda else "torch"
     args = (q, k_heads, v_heads, block_tables, table_start, seq_lens, sinks, window, sm_scale, block_size)
-    if impl == "torch":
+    if choose_impl("paged_decode_attention", impl, q) == "torch":
         return decode_attention_torch(*args, plan=plan, zero_slot=zero_slot)
-    if impl != "triton":
-        raise ValueError(f"paged_decode_attention: impl must be 'triton', 'torch' or None, got {impl!r}")
-    if not KERNEL_AVAILABLE:
-        raise RuntimeError("paged_decode_attention: impl='triton' needs the triton package; use impl='torch'")
     return decode_attention_triton(*args)
 
 
@@ -123,7 +110,7 @@ def decode_attention_triton(q, k_heads, v_heads, block_tables, table_start, seq_
     dot_fp32 = (not q.is_cuda) or q.dtype != k_heads.dtype or q.dtype == torch.float32
     _decode_kernel[(N, kv, P)](
         q, k_heads, v_heads, block_tables, table_start, seq_lens, sinks, o, part_o, part_m, part_l,
-        float(sm_scale), _NO_WINDOW if window is None else int(window), k_heads.shape[1] // block_size, M,
+        float(sm_scale), NO_WINDOW if window is None else int(window), k_heads.shape[1] // block_size, M,
         q.stride(0), q.stride(1), k_heads.stride(0), k_heads.stride(1), v_heads.stride(0), v_heads.stride(1),
         block_tables.stride(0),
         G=g, D=D, B=block_size, G_PAD=max(16, triton.next_power_of_2(g)),

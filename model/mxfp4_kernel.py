@@ -9,13 +9,7 @@ import torch
 from torch.nn import functional as F
 
 from model import mxfp4
-
-try:
-    import triton
-    import triton.language as tl
-    KERNEL_AVAILABLE = True
-except ImportError:                                           # CPU-only installs: the torch paths serve
-    KERNEL_AVAILABLE = False
+from model.triton_support import KERNEL_AVAILABLE, tl, triton
 
 
 VARIANTS = ("dequant", "dot_scaled")

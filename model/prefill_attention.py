@@ -11,15 +11,8 @@ from __future__ import annotations
 import torch
 
 from model.attention import mask_bias, sink_attention_heads, window_mask
+from model.triton_support import KERNEL_AVAILABLE, NO_WINDOW, choose_impl, tl, triton
 
-try:
-    import triton
-    import triton.language as tl
-    KERNEL_AVAILABLE = True
-except ImportError:                                    # triton is optional: the torch fallback covers every device
-    KERNEL_AVAILABLE = False
-
-_NO_WINDOW = 1 << 30                                   # window None: more keys than any sequence has
 
 
 def paged_prefill_attention(q: torch.Tensor, k_heads: torch.Tensor, v_heads: torch.Tensor,
@@ -39,15 +32,9 @@ def paged_prefill_attention(q: torch.Tensor, k_heads: torch.Tensor, v_heads: tor
     impl: "triton" (the kernel; CPU tensors run only under TRITON_INTERPRET=1), "torch" (the fallback, which reads
     the lengths back to the host), or None: the kernel for CUDA tensors when triton imports, else the fallback.
     """
-    if impl is None:
-        impl = "triton" if KERNEL_AVAILABLE and q.is_cuda else "torch"
     args = (q, k_heads, v_heads, block_tables, q_start, q_len, ctx_start, sinks, window, sm_scale, block_size)
-    if impl == "torch":
+    if choose_impl("paged_prefill_attention", impl, q) == "torch":
         return prefill_attention_torch(*args)
-    if impl != "triton":
-        raise ValueError(f"paged_prefill_attention: impl must be 'triton', 'torch' or None, got {impl!r}")
-    if not KERNEL_AVAILABLE:
-        raise RuntimeError("paged_prefill_attention: impl='triton' needs the triton package; use impl='torch'")
     return prefill_attention_triton(*args)
 
 
@@ -104,7 +91,7 @@ def prefill_attention_triton(q, k_heads, v_heads, block_tables, q_start, q_len, 
     rows = BQ * G_PAD
     _prefill_kernel[(T // BQ + N, kv)](
         q, k_heads, v_heads, block_tables, q_start, q_len, ctx_start, sinks, o,
-        float(sm_scale), _NO_WINDOW if window is None else int(window), k_heads.shape[1] // block_size, N, M,
+        float(sm_scale), NO_WINDOW if window is None else int(window), k_heads.shape[1] // block_size, N, M,
         q.stride(0), q.stride(1), k_heads.stride(0), k_heads.stride(1), v_heads.stride(0), v_heads.stride(1),
         block_tables.stride(0), o.stride(0), o.stride(1),
         G=g, D=D, B=block_size, G_PAD=G_PAD, D_PAD=max(16, triton.next_power_of_2(D)), BQ=BQ,

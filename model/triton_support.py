@@ -1,0 +1,27 @@
+"""Triton as an optional dependency of model/'s kernels: `triton` and `tl` when installed (KERNEL_AVAILABLE), and the
+choice between a kernel and its torch path that every kernel wrapper makes the same way."""
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+    KERNEL_AVAILABLE = True
+except ImportError:                                    # triton is optional: the torch paths cover every device
+    triton = tl = None
+    KERNEL_AVAILABLE = False
+
+NO_WINDOW = 1 << 30                                    # what kernels take for window None: more keys than any sequence
+
+
+def choose_impl(name: str, impl: str | None, x: torch.Tensor) -> str:
+    """impl None -> "triton" for CUDA tensors when triton imports, else "torch"; an explicit choice is validated
+    ("triton" on CPU tensors runs only under TRITON_INTERPRET=1, as the tests do)."""
+    if impl is None:
+        return "triton" if KERNEL_AVAILABLE and x.is_cuda else "torch"
+    if impl not in ("triton", "torch"):
+        raise ValueError(f"{name}: impl must be 'triton', 'torch' or None, got {impl!r}")
+    if impl == "triton" and not KERNEL_AVAILABLE:
+        raise RuntimeError(f"{name}: impl='triton' needs the triton package; use impl='torch'")
+    return impl

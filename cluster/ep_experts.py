@@ -43,7 +43,7 @@ class EPExperts(nn.Module):
         S = placement.slots_per_rank
         self.slots = (PackedMXFP4Experts(config, dtype, S, 0, layer_idx) if packed
                       else LocalExperts(config, dtype, S, 0))
-        self.packed, self.dtype = packed, dtype
+        self.packed = packed
         self.layer_idx, self.rank, self.ep_size, self.group = layer_idx, rank, ep_size, group
         self.placement, self.stats = placement, stats
 

@@ -133,6 +133,8 @@ def _pick_splits(programs: int, max_keys: int, keys_per_tile: int, device: torch
 
 
 if KERNEL_AVAILABLE:
+    from model.triton_support import online_softmax_step
+
     @triton.jit
     def _decode_kernel(q_ptr, k_ptr, v_ptr, table_ptr, start_ptr, len_ptr, sinks_ptr, o_ptr,
                        part_o_ptr, part_m_ptr, part_l_ptr, sm_scale, window, num_blocks, M,
@@ -178,17 +180,9 @@ if KERNEL_AVAILABLE:
             else:
                 s = tl.dot(q, kt)
             s = tl.where(ok[None, :], s * sm_scale, float("-inf"))                 # [G_PAD, KT]
-            m_new = tl.maximum(m, tl.max(s, 1))                                    # finite: m starts at the sink
-            alpha = tl.exp(m - m_new)
-            p = tl.exp(s - m_new[:, None])                                         # [G_PAD, KT]
-            l = l * alpha + tl.sum(p, 1)
             v = tl.load(v_head + slot[:, None] * stride_vs + d[None, :],
                         mask=ok[:, None] & dmask[None, :], other=0.0)              # [KT, D_PAD]
-            if DOT_FP32:
-                acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m = m_new
+            m, l, acc = online_softmax_step(s, v, m, l, acc, DOT_FP32)
 
         out_mask = hmask[:, None] & dmask[None, :]
         row = seq * G * tl.num_programs(1) + heads                                 # [G_PAD] index into N * n

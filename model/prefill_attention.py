@@ -100,6 +100,8 @@ def prefill_attention_triton(q, k_heads, v_heads, block_tables, q_start, q_len, 
 
 
 if KERNEL_AVAILABLE:
+    from model.triton_support import online_softmax_step
+
     @triton.jit
     def _tile(qlen_ptr, N, BQ: tl.constexpr, N_PAD: tl.constexpr):
         """Program id 0 -> (sequence, first query of the tile, queries in the tile). Sequence i's tiles are numbered
@@ -169,18 +171,10 @@ if KERNEL_AVAILABLE:
                 s = tl.dot(q, tl.trans(k))                                         # [R, KT]
             diff = pos[:, None] - kp[None, :]
             seen = ok[None, :] & (diff >= 0) & (diff < window)                     # causal and window, per score
-            s = tl.where(seen, s * sm_scale, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, 1))                                    # finite: m starts at the sink
-            alpha = tl.exp(m - m_new)
-            p = tl.exp(s - m_new[:, None])                                         # [R, KT]
-            l = l * alpha + tl.sum(p, 1)
+            s = tl.where(seen, s * sm_scale, float("-inf"))                        # [R, KT]
             v = tl.load(v_head + slot[:, None] * stride_vs + d[None, :],
                         mask=ok[:, None] & dmask[None, :], other=0.0)              # [KT, D_PAD]
-            if DOT_FP32:
-                acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m = m_new
+            m, l, acc = online_softmax_step(s, v, m, l, acc, DOT_FP32)
 
         o = acc / (l + tl.exp(sink - m))[:, None]
         tl.store(o_ptr + trow[:, None] * stride_ot + heads[:, None] * stride_oh + d[None, :],

@@ -2,7 +2,7 @@
 
 Method: a checkpoint big enough that expert compute is visible (written by model/tiny.py into a temp dir), a local
 Ray cluster, and for each ep size and batch size B: B requests with 16-token prompts are admitted and prefilled,
-then N lockstep decode steps are timed on the driver (one Ray call per rank per step included, as in serving).
+then N decode steps are timed by the ranks, which step on their own (no Ray call on the step path, as in serving).
 Reported per B: median step ms at ep 1 and ep 2, their ratio, and the share of ep 2's step time spent inside the
 dispatch/combine all-to-alls (measured on the ranks). Prints one JSON line.
 """
@@ -13,7 +13,6 @@ import logging
 import os
 import statistics
 import tempfile
-import time
 
 logger = logging.getLogger(__name__)
 
@@ -28,21 +27,21 @@ def _spec(quick: bool):
 
 
 def _measure(group, batch: int, steps: int) -> tuple[float, float]:
-    """(median step seconds, mean all-to-all share of rank step time) over `steps` decode steps."""
+    """(median step seconds, mean all-to-all share of rank step time) over `steps` decode steps, as the ranks time
+    them (they step on their own: no Ray call on the step path). A step's time is its slowest rank's."""
     from engine.sampling_params import SamplingParams
-    params = SamplingParams(temperature=0.0, max_tokens=steps + 64, ignore_eos=True)
-    for i in range(batch):
-        group.add_request(f"b{batch}-{i}", [(7 * i + j) % 1000 + 1 for j in range(16)], params)
-    for _ in range(4):                        # prefill (16 tokens each fits one step budget) and settle
-        group.step()
-    times, shares = [], []
-    for _ in range(steps):
-        start = time.perf_counter()
-        group.step()
-        times.append(time.perf_counter() - start)
-        shares.append(statistics.mean(r.all_to_all_s / r.step_s for r in group.last_results if r.step_s > 0))
-    for i in range(batch):
-        group.abort(f"b{batch}-{i}")
+    params = SamplingParams(temperature=0.0, max_tokens=steps + 4, ignore_eos=True)
+    prompts = [[(7 * i + j) % 1000 + 1 for j in range(16)] for i in range(batch)]
+    by_step: dict[int, list] = {}
+
+    def record(_, results) -> None:
+        for r in results:
+            if r.expert_counts is not None:
+                by_step.setdefault(r.step, []).append(r)
+    group.generate(prompts, params, on_results=record)
+    decode = sorted(by_step)[4:4 + steps]          # after prefill (16 tokens each fits one step budget) settles
+    times = [max(r.step_s for r in by_step[s]) for s in decode]
+    shares = [statistics.mean(r.all_to_all_s / r.step_s for r in by_step[s] if r.step_s > 0) for s in decode]
     return statistics.median(times), statistics.mean(shares)
 
 

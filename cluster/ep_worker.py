@@ -1,8 +1,10 @@
 """EPWorker: one expert-parallel rank (one GPU, or one process on CPU), run as a Ray actor by EPGroup.
 
 Owns a full LLMEngine for the sequences assigned to this rank (data-parallel attention, its own KV cache) whose
-MoE layers are EPExperts over the group's process group. Every rank runs exactly one forward per step; a rank
-with nothing scheduled runs an empty one so that it still joins every collective (lockstep).
+MoE layers are EPExperts over the group's process group, and drives it itself (cluster/rank_loop.py): requests and
+aborts arrive batched through `submit`, StepResults leave through the `results` stream, once per step. Every rank
+runs exactly one forward per step; a rank with nothing scheduled runs an empty one so that it still joins every
+collective. A threaded actor: `submit`, `ping` and `stats` answer while the loop thread steps.
 A group of one rank holds every expert and needs no collective: its layers are CountedExperts over the process's
 own backend (packed MXFP4 on CUDA for MXFP4 checkpoints, else dense), and its decode steps may be CUDA graphs.
 """
@@ -17,9 +19,9 @@ import torch
 
 from cluster.counted_experts import CountedExperts
 from cluster.ep_experts import EPExperts, EPStats
-from cluster.process_group import destroy_ep_group, free_port, init_ep_group
+from cluster.process_group import control_group, destroy_ep_group, free_port, init_ep_group
+from cluster.rank_loop import RankLoop
 from engine.engine import EngineConfig, LLMEngine
-from engine.sampling_params import SamplingParams
 from engine.token_output import TokenOutput
 from model.checkpoint import Checkpoint
 from model.config import ModelConfig
@@ -31,16 +33,29 @@ logger = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class StepResult:
-    """What one rank reports after a step (small and picklable)."""
+    """What one rank reports after a step, or after commands that produced outputs without one (small, picklable)."""
     rank: int
+    step: int                            # the rank's forward count (equal on every rank: they step together)
     outputs: list[TokenOutput]
-    expert_counts: torch.Tensor          # [L, E] tokens routed per logical expert by this rank's tokens
+    expert_counts: torch.Tensor | None   # [L, E] tokens routed per logical expert by this rank's tokens; None: no step
     all_to_all_s: float                  # time inside dispatch/combine collectives this step
     step_s: float
     num_running: int
     num_waiting: int
     kv_usage: float
     num_preemptions: int
+    rejected: list[tuple[str, str]] = dataclasses.field(default_factory=list)   # (request id, why) never queued
+
+
+def model_detokenizer(model_dir: str):
+    """decode(ids) of the model directory's tokenizer.json (special tokens kept, as the gateway decodes), for stop
+    strings on the rank; None when the directory has no tokenizer."""
+    path = os.path.join(model_dir, "tokenizer.json")
+    if not os.path.isfile(path):
+        return None
+    from tokenizers import Tokenizer
+    tokenizer = Tokenizer.from_file(path)
+    return lambda ids: tokenizer.decode(ids, skip_special_tokens=False)
 
 
 class EPWorker:
@@ -52,6 +67,9 @@ class EPWorker:
         self.dtype = getattr(torch, dtype)
         self.device = torch.device(device if device == "cpu" else f"cuda:{torch.cuda.current_device()}")
         self.engine: LLMEngine | None = None
+        self.loop: RankLoop | None = None
+        self.num_steps = 0
+        self._rejected: list[tuple[str, str]] = []
         if self.device.type == "cpu":   # ranks share the host's cores: don't oversubscribe them
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // ep_size))
 
@@ -61,7 +79,9 @@ class EPWorker:
         host = ray.util.get_node_ip_address()
         return host, free_port(host)
 
-    def setup(self, master_addr: str, master_port: int, placement, timeout_s: float) -> None:
+    def setup(self, master_addr: str, master_port: int, placement, timeout_s: float) -> dict:
+        """Join the group, load this rank's weights, build its engine and start its step loop. Returns what the
+        replica needs to know: the engine's max_model_len, the node it runs on."""
         backend = "nccl" if self.device.type == "cuda" else "gloo"
         init_ep_group(self.rank, self.ep_size, master_addr, master_port, backend, timeout_s)
         config = ModelConfig.from_dir(self.model_dir)
@@ -80,22 +100,54 @@ class EPWorker:
             engine_config = dataclasses.replace(engine_config, cuda_graphs=False)
         model = load_model(self.model_dir, self.dtype, self.device, experts=experts)
         self.experts = [layer.mlp.experts for layer in model.model.layers]
-        self.engine = LLMEngine(model, engine_config, eos_token_ids=self.eos_token_ids)
+        self.engine = LLMEngine(model, engine_config, eos_token_ids=self.eos_token_ids,
+                                detokenize=model_detokenizer(self.model_dir))
+        self.loop = RankLoop(self.rank, self.ep_size, self._apply, self.engine.has_unfinished, self.step_once,
+                             self._apply_placement, control_group(backend, timeout_s) if not self.single else None)
+        self.loop.start()
+        import ray
+        max_len = getattr(self.engine, "max_model_len", None) or self.engine.scheduler.config.max_model_len
+        return {"max_model_len": max_len, "node": ray.util.get_node_ip_address()}
 
     @property
     def single(self) -> bool:
         """One rank holds every expert: no collectives."""
         return self.ep_size == 1
 
-    # ---- requests ----
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        self.engine.add_request(request_id, prompt_token_ids, params)
+    # ---- requests: commands arrive batched, from the replica, at any time ----
+    def submit(self, commands: list[tuple]) -> None:
+        """("add", request_id, prompt ids, SamplingParams), ("abort", request_id), ("placement", version, map),
+        ("stop",): applied by the loop at its next step boundary."""
+        self.loop.submit(commands)
 
-    def abort(self, request_id: str) -> list[TokenOutput]:
-        return self.engine.abort(request_id)
+    def results(self):
+        """Streaming (Ray generator): lists of StepResults as the loop produces them, coalesced when the reader is
+        behind; ends with the loop's error (RankFailed, naming this rank) if it fails."""
+        while not self.loop.stopped or self.loop.error is not None:
+            items = self.loop.take(timeout_s=1.0)
+            if items:
+                yield items
 
-    # ---- lockstep ----
-    def step(self) -> StepResult:
+    def ping(self) -> int:
+        """Answers while the process runs (the loop may be busy); the replica's probe for a dead or stuck rank."""
+        return self.rank
+
+    def _apply(self, command: tuple) -> None:
+        if command[0] == "add":
+            _, request_id, prompt_ids, params = command
+            try:
+                self.engine.add_request(request_id, prompt_ids, params)
+            except ValueError as e:          # a request this engine can never serve: the replica reports it
+                self._rejected.append((request_id, str(e)))
+        elif command[0] == "abort":
+            outputs = self.engine.abort(command[1])
+            if outputs:
+                self.loop.put(self._result(outputs, None, 0.0, 0.0))
+        if self._rejected:
+            self.loop.put(self._result([], None, 0.0, 0.0))
+
+    # ---- one step (on the loop thread) ----
+    def step_once(self) -> StepResult:
         runner = self.engine.runner
         start, forwards = time.perf_counter(), runner.forwards
         outputs = self.engine.step()
@@ -104,10 +156,15 @@ class EPWorker:
         elif runner.forwards != forwards and self.single:
             for experts in self.experts:
                 experts.count(*runner.last_rows)
+        self.num_steps += 1
         counts, a2a = self.stats.take()
+        return self._result(outputs, counts.cpu(), a2a, time.perf_counter() - start)
+
+    def _result(self, outputs, counts, a2a: float, step_s: float) -> StepResult:
         sched = self.engine.scheduler
-        return StepResult(self.rank, outputs, counts.cpu(), a2a, time.perf_counter() - start, sched.num_running,
-                          sched.num_waiting, self.engine.block_manager.usage(), sched.num_preemptions)
+        rejected, self._rejected = self._rejected, []
+        return StepResult(self.rank, self.num_steps, outputs, counts, a2a, step_s, sched.num_running,
+                          sched.num_waiting, self.engine.block_manager.usage(), sched.num_preemptions, rejected)
 
     @torch.no_grad()
     def _empty_forward(self) -> None:
@@ -118,8 +175,8 @@ class EPWorker:
         for experts in self.experts:
             experts(t, ids, torch.empty(ids.shape, device=self.device))
 
-    # ---- placement ----
-    def apply_placement(self, placement) -> int:
+    # ---- placement (on the loop thread, in the same iteration on every rank) ----
+    def _apply_placement(self, placement) -> int:
         """Switch to a new expert map between steps; re-reads the experts of changed slots from the checkpoint.
         Returns the number of slots whose expert changed on this rank."""
         placement = placement.to(self.device)
@@ -152,4 +209,6 @@ class EPWorker:
         return [e.slot_experts() for e in self.experts]
 
     def shutdown(self) -> None:
+        if self.loop is not None:
+            self.loop.submit([("stop",)])
         destroy_ep_group()

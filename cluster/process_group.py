@@ -43,3 +43,12 @@ def destroy_ep_group() -> None:
     import torch.distributed as dist
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def control_group(backend: str, timeout_s: float):
+    """The group the ranks' per-step agreement runs on: a tiny all_reduce of host values, so on NCCL a gloo group
+    beside it (no device round trip for a flag); on gloo the default group (None)."""
+    if backend == "gloo":
+        return None
+    import torch.distributed as dist
+    return dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))

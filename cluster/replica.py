@@ -1,16 +1,18 @@
 """ReplicaEngine: the asynchronous face of one model replica's EPGroup, as the Serve ModelServer uses it.
 
-One thread owns the EPGroup (every Ray call to the ranks happens there, in order): it applies queued adds and
-aborts between steps, runs lockstep steps while work exists, and hands TokenOutputs to per-request asyncio queues.
-A failed step (dead or stuck rank) marks the replica unhealthy and ends every in-flight request with the error.
+The ranks step on their own; this sends them requests and aborts (batched: what arrives in one event-loop turn
+goes in one Ray call per rank) and runs one thread that reads the ranks' StepResults and hands each request its
+outputs through its RequestSink, all requests of a step together (a sink with a `channel` is flushed once per
+batch, so a gateway gets one message per step for all of its requests). A failed group (dead or stuck rank) marks
+the replica unhealthy and ends every in-flight request with the error, which names the rank.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
-import queue
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 
 from cluster.ep_group import EPGroup
 from engine.generate_request import GenerateRequest
@@ -23,42 +25,86 @@ class ReplicaUnhealthy(RuntimeError):
     """The EP group failed; Serve restarts the replica, other replicas keep serving."""
 
 
+@dataclass
+class RequestSink:
+    """Where a request's outputs go, called on the replica's reader thread: `deliver(outputs of one step batch)`,
+    `fail(error)` once. `channel`, when set, is flushed after each batch (outputs of many requests, one message)."""
+    deliver: Callable[[list[TokenOutput]], None]
+    fail: Callable[[BaseException], None]
+    channel: object | None = None
+
+
 class ReplicaEngine:
     def __init__(self, group: EPGroup, metrics=None):
         self.group = group
         self.metrics = metrics          # monitoring.recorders.EngineMetrics, or None
         self.error: Exception | None = None
-        self._commands: queue.Queue = queue.Queue()
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-        self._wake = threading.Event()
+        self._sinks: dict[str, RequestSink] = {}
+        self._left: dict[str, int] = {}            # request -> its completions not finished yet
+        self._lock = threading.Lock()
+        self._adds: list[GenerateRequest] = []
+        self._flush_scheduled = False
         self._stopped = False
-        self._thread = threading.Thread(target=self._run, name="ep-step-loop", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="ep-results", daemon=True)
         self._thread.start()
 
     @property
     def num_in_flight(self) -> int:
-        return len(self._streams)
+        return len(self._sinks)
+
+    @property
+    def max_model_len(self) -> int:
+        return self.group.max_model_len
+
+    # ---- requests (the event loop's thread) ----
+    def submit(self, request: GenerateRequest, sink: RequestSink) -> None:
+        """Start the request; its outputs reach `sink`. Raises ReplicaUnhealthy when the group has failed."""
+        if self.error is not None:
+            raise ReplicaUnhealthy(str(self.error))
+        with self._lock:
+            self._sinks[request.request_id] = sink
+            self._left[request.request_id] = request.params.n
+        self._adds.append(request)
+        if not self._flush_scheduled:            # everything submitted in this loop turn goes together
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_adds)
+        if self.metrics is not None:
+            self.metrics.on_request_added(len(request.prompt_token_ids))
+
+    def abort(self, request_id: str) -> None:
+        """Stop delivering to the request and abort it on its rank (frees its KV blocks there at once)."""
+        with self._lock:
+            self._sinks.pop(request_id, None)
+            self._left.pop(request_id, None)
+        if any(r.request_id == request_id for r in self._adds):
+            self._adds = [r for r in self._adds if r.request_id != request_id]
+        else:
+            self.group.abort(request_id)
+
+    def _flush_adds(self) -> None:
+        self._flush_scheduled = False
+        adds, self._adds = self._adds, []
+        if adds:
+            self.group.add_requests([(r.request_id, r.prompt_token_ids, r.params) for r in adds])
 
     async def stream(self, request: GenerateRequest) -> AsyncIterator[TokenOutput]:
         """TokenOutputs of the request as the ranks produce them. Leaving early (client gone, task cancelled)
         aborts the request on its rank, which frees its KV blocks at once."""
-        if self.error is not None:
-            raise ReplicaUnhealthy(str(self.error))
-        out_queue: asyncio.Queue = asyncio.Queue()
-        self._streams[request.request_id] = (asyncio.get_running_loop(), out_queue)
-        self._send(("add", request))
+        loop, out_queue = asyncio.get_running_loop(), asyncio.Queue()
+        put = lambda item: loop.call_soon_threadsafe(out_queue.put_nowait, item)   # noqa: E731
+        self.submit(request, RequestSink(deliver=put, fail=put))
         remaining = request.params.n
         try:
             while remaining:
                 item = await out_queue.get()
-                if isinstance(item, Exception):
+                if isinstance(item, BaseException):
                     raise item
-                remaining -= item.finished
-                yield item
+                for out in item:
+                    remaining -= out.finished
+                    yield out
         finally:
-            self._streams.pop(request.request_id, None)
             if remaining:
-                self._send(("abort", request.request_id))
+                self.abort(request.request_id)
 
     def check_health(self) -> None:
         if self.error is not None:
@@ -66,65 +112,63 @@ class ReplicaEngine:
 
     def shutdown(self) -> None:
         self._stopped = True
-        self._wake.set()
-        self._thread.join(timeout=30)
+        self._thread.join(timeout=5)
         self.group.shutdown()
 
-    # ---- the step thread ----
-    def _send(self, command) -> None:
-        self._commands.put(command)
-        self._wake.set()
-
+    # ---- the reader thread ----
     def _run(self) -> None:
-        while not self._stopped and self.error is None:
+        while not self._stopped:
             try:
-                self._apply_commands()
-                if self.group.has_unfinished():
-                    outputs = self.group.step()
-                    for out in outputs:
-                        self._deliver(out.request_id, out)
-                    self._observe(outputs)
-                else:
-                    self._wake.wait(timeout=1.0)
-                    self._wake.clear()
-            except Exception as e:  # a failed step: fail every request, report unhealthy
-                logger.error("replica step loop failed: %s", e)
+                results = self.group.results(timeout_s=0.5)
+            except Exception as e:          # noqa: BLE001  a failed group: fail every request, report unhealthy
+                logger.error("replica failed: %s", e)
                 self.error = e
-                for request_id in list(self._streams):
-                    self._deliver(request_id, ReplicaUnhealthy(f"EP group failed: {e}"))
-
-    def _apply_commands(self) -> None:
-        while True:
-            try:
-                kind, arg = self._commands.get_nowait()
-            except queue.Empty:
+                with self._lock:
+                    sinks, self._sinks, self._left = list(self._sinks.values()), {}, {}
+                for sink in sinks:
+                    sink.fail(ReplicaUnhealthy(f"EP group failed: {e}"))
                 return
-            if kind == "add":
-                try:
-                    self.group.add_request(arg.request_id, arg.prompt_token_ids, arg.params)
-                except ValueError as e:   # a request the engine can never serve
-                    self._deliver(arg.request_id, e)
-                    continue
-                if self.metrics is not None:
-                    self.metrics.on_request_added(len(arg.prompt_token_ids))
-            else:
-                for out in self.group.abort(arg):
-                    self._deliver(arg, out)
+            if results:
+                self._dispatch(results)
 
-    def _observe(self, outputs) -> None:
+    def _dispatch(self, results) -> None:
+        by_request: dict[str, list[TokenOutput]] = {}
+        rejected = []
+        for r in results:
+            for out in r.outputs:
+                by_request.setdefault(out.request_id, []).append(out)
+            rejected += r.rejected
+        channels = set()
+        with self._lock:
+            routed = [(self._sinks.get(rid), outs) for rid, outs in by_request.items()]
+            failed = [(self._sinks.pop(rid, None), why) for rid, why in rejected]
+            for rid, outs in by_request.items():
+                if rid in self._left:
+                    self._left[rid] -= sum(o.finished for o in outs)
+                    if self._left[rid] <= 0:
+                        del self._left[rid], self._sinks[rid]
+        for sink, outs in routed:
+            if sink is not None:
+                sink.deliver(outs)
+                if sink.channel is not None:
+                    channels.add(sink.channel)
+        for sink, why in failed:
+            if sink is not None:
+                sink.fail(ValueError(why))
+        for channel in channels:
+            channel.flush()
+        self._observe(results, by_request)
+
+    def _observe(self, results, by_request) -> None:
         if self.metrics is None:
             return
-        self.metrics.on_generated(sum(len(o.new_token_ids) for o in outputs))
-        for out in outputs:
-            if out.queue_time_s is not None:
-                self.metrics.observe_queue_time(out.queue_time_s)
-        for r in self.group.last_results:
-            self.metrics.observe_rank(r.rank, num_running=r.num_running, num_waiting=r.num_waiting,
-                                      kv_usage=r.kv_usage, num_preemptions=r.num_preemptions,
-                                      all_to_all_s=r.all_to_all_s, step_s=r.step_s)
-
-    def _deliver(self, request_id: str, item) -> None:
-        target = self._streams.get(request_id)
-        if target is not None:
-            loop, out_queue = target
-            loop.call_soon_threadsafe(out_queue.put_nowait, item)
+        self.metrics.on_generated(sum(len(o.new_token_ids) for outs in by_request.values() for o in outs))
+        for outs in by_request.values():
+            for out in outs:
+                if out.queue_time_s is not None:
+                    self.metrics.observe_queue_time(out.queue_time_s)
+        for r in results:
+            if r.expert_counts is not None:
+                self.metrics.observe_rank(r.rank, num_running=r.num_running, num_waiting=r.num_waiting,
+                                          kv_usage=r.kv_usage, num_preemptions=r.num_preemptions,
+                                          all_to_all_s=r.all_to_all_s, step_s=r.step_s)

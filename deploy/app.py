@@ -16,11 +16,19 @@ from deploy.model_paths import resolve_model_dir
 from deploy.model_server import ModelServer
 
 
+def gateway_replicas(args: AppArgs) -> int:
+    """Gateway replicas: as asked, else one per ModelServer replica (the most when autoscaling), so HTTP parsing,
+    rendering and SSE writing scale with the model replicas."""
+    if args.gateway_replicas is not None:
+        return args.gateway_replicas
+    return max(1, args.autoscaling.max_replicas if args.autoscaling else args.num_replicas)
+
+
 def build_app(args: dict) -> Application:
     app_args = AppArgs.model_validate(args)
     resolve_model_dir(app_args.model)                          # fail at deploy time, with the path in the message
     # Replica counts stay out of the constructors' args, so scaling never restarts a serving replica.
-    dumped = app_args.model_dump(exclude={"num_replicas", "autoscaling"})
+    dumped = app_args.model_dump(exclude={"num_replicas", "autoscaling", "gateway_replicas"})
     scaling = ({"autoscaling_config": {"min_replicas": app_args.autoscaling.min_replicas,
                                        "max_replicas": app_args.autoscaling.max_replicas,
                                        "target_ongoing_requests": app_args.autoscaling.target_ongoing_requests}}
@@ -37,7 +45,7 @@ def build_app(args: dict) -> Application:
         **scaling,
     ).bind(dumped)
     gateway = serve.deployment(Gateway).options(
-        name="Gateway", num_replicas=1, ray_actor_options={"num_cpus": 0},
+        name="Gateway", num_replicas=gateway_replicas(app_args), ray_actor_options={"num_cpus": 0},
         max_ongoing_requests=10 * app_args.max_ongoing_requests,
         graceful_shutdown_timeout_s=5, graceful_shutdown_wait_loop_s=1,
     )

@@ -44,6 +44,8 @@ class AppArgs(BaseModel):
     # -- replicas --
     num_replicas: int = Field(1, ge=0)
     autoscaling: AutoscalingArgs | None = None
+    gateway_replicas: int | None = Field(None, ge=1, description="Gateway (HTTP ingress) replicas; default: one per "
+                                         "ModelServer replica (the max when autoscaling)")
     # -- engine --
     max_model_len: int = Field(4096, ge=2)
     max_num_seqs: int = Field(64, ge=1)

@@ -6,17 +6,18 @@ healthy replica -> 503. Never renders, parses or validates requests (the gateway
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator
 from typing import Protocol
 
 from deploy.api_errors import BadRequestError, no_healthy_replica_error, queue_full_error
 from engine.generate_request import GenerateRequest
-from engine.token_output import TokenOutput
+from deploy.token_channel import ChannelListener
+from engine.token_output import TokenOutput, coalesce
 
 logger = logging.getLogger(__name__)
 RETRY_AFTER_S = 1.0
+FINAL_OUTPUTS_GRACE_S = 10.0   # a finished request's last outputs arrive this long after its call returned, at most
 
 
 class GenerationBackend(Protocol):
@@ -38,24 +39,61 @@ class LocalBackend:
 
 
 class ServeBackend:
-    """The ModelServer deployment through a Serve DeploymentHandle (Serve's router picks the replica)."""
+    """The ModelServer deployment through a Serve DeploymentHandle (Serve's router picks the replica, counts the
+    request as ongoing, queues it or answers 429). The outputs do not come back through Serve: the replica sends
+    them to this gateway's token channel, one message per step for all of this gateway's requests on it."""
 
-    def __init__(self, handle):
-        self.handle = handle.options(stream=True)
+    def __init__(self, handle, host: str | None = None):
+        self.handle, self.host = handle, host             # host: where the channel listens (default: this node)
+        self._channel: ChannelListener | None = None
+        self._starting = asyncio.Lock()
+
+    async def channel(self) -> ChannelListener:
+        async with self._starting:
+            if self._channel is None:
+                import ray
+                channel = ChannelListener()
+                await channel.start(self.host or ray.util.get_node_ip_address())
+                self._channel = channel
+        return self._channel
+
+    async def model_info(self) -> dict:
+        return await self.handle.model_info.remote()
 
     async def stream(self, request: GenerateRequest) -> AsyncIterator[TokenOutput]:
+        channel = await self.channel()
+        mailbox = channel.open(request.request_id)
+        call = asyncio.ensure_future(self._call(request, channel.address))
+        remaining = request.params.n
+        try:
+            while remaining:
+                take = asyncio.ensure_future(mailbox.take())
+                await asyncio.wait({take, call}, return_when=asyncio.FIRST_COMPLETED)
+                if not take.done():
+                    take.cancel()
+                    call.result()                          # raises what ended the request (400 / 429 / 503)
+                    # Finished: its last outputs were sent before the call returned; they are on their way.
+                    take = asyncio.ensure_future(mailbox.take())
+                    await asyncio.wait_for(take, FINAL_OUTPUTS_GRACE_S)
+                for out in coalesce(take.result()):
+                    remaining -= out.finished
+                    yield out
+        except asyncio.TimeoutError:
+            raise no_healthy_replica_error() from None
+        finally:
+            channel.close(request.request_id)
+            if not call.done():                           # the client left: cancel, which frees its KV blocks
+                call.cancel()
+                await asyncio.gather(call, return_exceptions=True)
+
+    async def _call(self, request: GenerateRequest, reply_to) -> None:
+        """The ModelServer call, its failures mapped onto OpenAI errors."""
         from ray.exceptions import RayTaskError
         from ray.serve.exceptions import BackPressureError
 
         from cluster.replica import ReplicaUnhealthy
-        responses = self.handle.generate.remote(request)
         try:
-            async for out in responses:
-                yield out
-        except (GeneratorExit, asyncio.CancelledError):
-            with contextlib.suppress(Exception):   # the client left: cancel, which frees its KV blocks
-                responses.cancel()
-            raise
+            await self.handle.generate_to.remote(request, reply_to)
         except BackPressureError:
             raise queue_full_error(RETRY_AFTER_S) from None
         except RayTaskError as e:

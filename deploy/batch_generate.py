@@ -66,22 +66,11 @@ def run(args) -> None:
         model = load_model(args.model_dir, dtype=dtype, device=args.device, experts=experts)
         engine = LLMEngine(model, engine_config, eos_token_ids=stop_ids)
     ids = [f"p{i}" for i in range(len(prompts))]
-    for rid, p in zip(ids, prompts):
-        try:
-            engine.add_request(rid, p, params)
-        except ValueError as e:
-            raise UserError(str(e)) from None
-    final, tokens = {}, 0
-    start = last_report = time.monotonic()
-    while engine.has_unfinished():
-        for out in engine.step():
-            tokens += len(out.new_token_ids)
-            if out.finished:
-                final[out.request_id] = out
-        if time.monotonic() - last_report > 5:
-            last_report = time.monotonic()
-            logging.getLogger("epserve.generate").info("%d/%d prompts done, %.1f tokens/s", len(final),
-                                                       len(prompts), tokens / (last_report - start))
+    try:
+        final = (dict(zip(ids, (outs[0] for outs in engine.generate(prompts, params)))) if args.ep_size
+                 else _run_local(engine, ids, prompts, params))
+    except ValueError as e:
+        raise UserError(str(e)) from None
     lines = []
     for i, rid in enumerate(ids):
         out = final[rid]
@@ -94,6 +83,24 @@ def run(args) -> None:
             f.writelines(lines)
     else:
         sys.stdout.writelines(lines)
+
+
+def _run_local(engine, ids: list[str], prompts: list[list[int]], params) -> dict:
+    """Every prompt through the in-process engine, progress on the log every 5 s; final output per id."""
+    for rid, p in zip(ids, prompts):
+        engine.add_request(rid, p, params)
+    final, tokens = {}, 0
+    start = last_report = time.monotonic()
+    while engine.has_unfinished():
+        for out in engine.step():
+            tokens += len(out.new_token_ids)
+            if out.finished:
+                final[out.request_id] = out
+        if time.monotonic() - last_report > 5:
+            last_report = time.monotonic()
+            logging.getLogger("epserve.generate").info("%d/%d prompts done, %.1f tokens/s", len(final),
+                                                       len(prompts), tokens / (last_report - start))
+    return final
 
 
 def _start_ep_group(args, engine_config, stop_ids):

@@ -1,19 +1,22 @@
 """ModelServer: the Serve deployment whose every replica owns one EP group (ranks + ExpertRouter actor).
 
 Its placement group (from Serve's `placement_group_bundles`: its own bundle, then one per rank) holds the ranks.
-Streams TokenOutputs per GenerateRequest; a failed EP group makes `check_health` raise so Serve replaces the replica
-while other replicas keep serving.
+Sends each request's outputs to its gateway's token channel (deploy/token_channel.py), once per step for all of
+that gateway's requests (or streams them through Serve for callers without a channel). A failed EP group makes
+`check_health` raise so Serve replaces the replica while other replicas keep serving.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 
 from cluster.ep_group import EPConfig, EPGroup
-from cluster.replica import ReplicaEngine
+from cluster.replica import ReplicaEngine, ReplicaUnhealthy, RequestSink
 from engine.generate_request import GenerateRequest
 from deploy.app_config import AppArgs
 from deploy.model_paths import resolve_model_dir, served_name
+from deploy.token_channel import ChannelSender
 from deploy.tokenizer import Tokenizer, model_stop_ids
 from engine.engine import EngineConfig
 from engine.token_output import TokenOutput
@@ -46,10 +49,59 @@ class ModelServer:
         group = EPGroup(str(model_dir), ep_config(app_args), engine_config(app_args), stop_ids,
                         expert_metrics=ExpertMetrics(name, replica=replica))
         self.engine = ReplicaEngine(group, metrics=EngineMetrics(name, replica=replica))
+        self._waiting: dict[tuple, set[asyncio.Future]] = {}
+        self._senders: dict[tuple, ChannelSender] = {}
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenOutput]:
+        """Outputs as a Serve stream (one item per step batch of this request): for callers without a channel."""
         async for out in self.engine.stream(request):
             yield out
+
+    async def generate_to(self, request: GenerateRequest, reply_to: tuple[str, int, str]) -> None:
+        """Run the request; its outputs go to the gateway's token channel at `reply_to`, in one message per step
+        for all of that gateway's requests. Returns once its last outputs are sent (Serve counts it as ongoing
+        until then: queueing and 429s keep working); raises what ended it (ValueError: refused, ReplicaUnhealthy).
+        Cancelling the call aborts the request and frees its KV blocks at once."""
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        sender = self._sender(reply_to)
+
+        def resolve(error: BaseException | None) -> None:
+            if not done.done():
+                done.set_exception(error) if error is not None else done.set_result(None)
+        left = request.params.n
+
+        def deliver(outputs: list[TokenOutput]) -> None:          # the replica's reader thread
+            nonlocal left
+            sender.add(outputs)
+            left -= sum(o.finished for o in outputs)
+            if left == 0:
+                sender.after_flush(lambda: loop.call_soon_threadsafe(resolve, sender.broken))
+        self.engine.submit(request, RequestSink(deliver, lambda e: loop.call_soon_threadsafe(resolve, e), sender))
+        self._waiting.setdefault(reply_to, set()).add(done)
+        try:
+            await done
+        except asyncio.CancelledError:
+            self.engine.abort(request.request_id)
+            raise
+        finally:
+            self._waiting[reply_to].discard(done)
+
+    def _sender(self, reply_to: tuple[str, int, str]) -> ChannelSender:
+        sender = self._senders.get(reply_to)
+        if sender is None or sender.broken is not None:
+            loop = asyncio.get_running_loop()
+
+            def broken(error: BaseException) -> None:               # fail what waits on that gateway
+                for done in list(self._waiting.get(reply_to, ())):
+                    loop.call_soon_threadsafe(lambda d=done: d.done() or d.set_exception(
+                        ReplicaUnhealthy(f"the token channel to the gateway broke: {error}")))
+            sender = self._senders[reply_to] = ChannelSender(tuple(reply_to), broken)
+        return sender
+
+    def model_info(self) -> dict:
+        """What the gateway needs from the engine: the max_model_len the ranks' KV cache allows."""
+        return {"max_model_len": self.engine.max_model_len}
 
     def check_health(self) -> None:
         self.engine.check_health()

@@ -1,6 +1,7 @@
 """TokenOutput: what the engine hands back per sequence per step (the contract replica -> gateway)."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 
@@ -20,3 +21,17 @@ class TokenOutput:
     logprobs: list[float] = field(default_factory=list)                 # one per new token, when asked
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     num_output_tokens: int = 0                    # generated so far (len(output_token_ids) once finished)
+
+
+def coalesce(outputs: list[TokenOutput]) -> list[TokenOutput]:
+    """Outputs of one request that arrived together, one per completion index (first-seen order): new tokens and
+    logprobs concatenated in order, the rest from the latest (so a finished output stays finished). A stream that
+    fell behind sends one chunk with every token it has instead of a queue of chunks."""
+    merged: dict[int, TokenOutput] = {}
+    for out in outputs:
+        prev = merged.get(out.index)
+        merged[out.index] = out if prev is None else dataclasses.replace(
+            out, new_token_ids=prev.new_token_ids + out.new_token_ids, logprobs=prev.logprobs + out.logprobs,
+            top_logprobs=prev.top_logprobs + out.top_logprobs,
+            queue_time_s=prev.queue_time_s if prev.queue_time_s is not None else out.queue_time_s)
+    return list(merged.values())

@@ -31,17 +31,16 @@ def prompts():
             for n in (1, 3, 12, 17, 31, 40, 64, 100, 150, 200)]
 
 
-def run_group(group: EPGroup, prompts, params=GREEDY, on_step=None):
-    for i, p in enumerate(prompts):
-        group.add_request(f"r{i}", p, params)
-    final = {}
-    while group.has_unfinished():
-        for out in group.step():
-            if out.finished:
-                final[out.request_id] = out.output_token_ids
-        if on_step:
-            on_step(group)
-    return [final[f"r{i}"] for i in range(len(prompts))]
+def run_group(group: EPGroup, prompts, params=GREEDY, on_results=None):
+    return [outs[0].output_token_ids for outs in group.generate(prompts, params, on_results=on_results)]
+
+
+def rebalance_once_at(step: int, moved: list):
+    """on_results hook: rebalance once, as soon as the group has passed `step` (mid-generation)."""
+    def hook(group, _results):
+        if not moved and group.num_steps >= step:
+            moved.append(group.rebalance())
+    return hook
 
 
 @pytest.mark.parametrize("experts", [6, 8])
@@ -50,10 +49,12 @@ def test_ep_1_2_4_give_identical_greedy_outputs(ray_cluster, checkpoints, prompt
     local = [o[0].output_token_ids for o in LLMEngine(load_model(path), ENGINE).generate(prompts, GREEDY)]
     for ep_size in (1, 2, 4):
         group = EPGroup(str(path), EPConfig(ep_size=ep_size, collective_timeout_s=20), ENGINE)
+        ran_on: set[int] = set()
         try:
-            assert run_group(group, prompts) == local, f"ep_size={ep_size}"
-            if ep_size > 1:     # data-parallel attention: the requests were spread over the ranks
-                assert len({r.num_running for r in group.last_results}) >= 1
+            assert run_group(group, prompts, on_results=lambda g, rs: ran_on.update(
+                r.rank for r in rs if any(o.new_token_ids for o in r.outputs))) == local, f"ep_size={ep_size}"
+            # data-parallel attention: every rank generated tokens for requests of its own
+            assert ran_on == set(range(ep_size))
         finally:
             group.shutdown()
 
@@ -76,8 +77,8 @@ def test_rebalance_mid_generation_changes_no_token(ray_cluster, checkpoints, pro
     group = EPGroup(str(path), config, ENGINE)
     try:
         reference = run_group(group, prompts)
-        moved, when = [], group.num_steps + 6
-        got = run_group(group, prompts, on_step=lambda g: moved.append(g.rebalance()) if g.num_steps == when else None)
+        moved = []
+        got = run_group(group, prompts, on_results=rebalance_once_at(group.num_steps + 6, moved))
         stats = ray_cluster.get(group.router.stats.remote())
         placement = ray_cluster.get(group.router.placement.remote())[1]
     finally:
@@ -101,27 +102,30 @@ def test_packed_slots_give_the_local_tokens_and_survive_a_rebalance(ray_cluster,
     group = EPGroup(str(path), config, ENGINE)
     try:
         stored = group.num_expert_params()
-        moved, when = [], group.num_steps + 6
-        got = run_group(group, prompts, on_step=lambda g: moved.append(g.rebalance()) if g.num_steps == when else None)
+        before = ray_cluster.get([w.slot_experts.remote() for w in group.workers])
+        moved = []
+        got = run_group(group, prompts, on_results=rebalance_once_at(group.num_steps + 6, moved))
+        after = ray_cluster.get([w.slot_experts.remote() for w in group.workers])
     finally:
         group.shutdown()
     assert got == local and moved and moved[0] > 0
+    assert after != before                                             # the ranks applied the new map
     H = I = 64
     per_expert = (2 * I * H + H * I) * 17 // 32 + 2 * I + H          # blocks + scales, biases
     assert stored == [2 * 5 * per_expert] * 2                          # 2 layers x (8 + 2) / 2 slots per rank
 
 
-def test_dead_rank_fails_the_step_quickly_and_names_it(ray_cluster, checkpoints, prompts):
+def test_dead_rank_fails_the_group_quickly_and_names_it(ray_cluster, checkpoints, prompts):
     group = EPGroup(str(checkpoints[8]), EPConfig(ep_size=2, collective_timeout_s=5), ENGINE)
     try:
-        for i, p in enumerate(prompts[:6]):
-            group.add_request(f"r{i}", p, SamplingParams(max_tokens=50, ignore_eos=True))
-        group.step()
+        group.add_requests([(f"r{i}", p, SamplingParams(max_tokens=500, ignore_eos=True))
+                            for i, p in enumerate(prompts[:6])])
+        assert group.results(timeout_s=30)                 # the ranks are stepping on their own
         ray_cluster.kill(group.workers[1])
         start = time.monotonic()
         with pytest.raises(EPStepError, match="rank 1 died"):
-            for _ in range(3):
-                group.step()
+            while time.monotonic() - start < 30:
+                group.results(timeout_s=1)
         assert time.monotonic() - start < 5 + 6
     finally:
         group.shutdown()
@@ -138,7 +142,8 @@ def test_single_rank_counts_every_routed_token(ray_cluster, checkpoints, prompts
     group = EPGroup(str(checkpoints[6]), EPConfig(ep_size=1, collective_timeout_s=20), ENGINE)
     totals = []
     try:
-        run_group(group, prompts, on_step=lambda g: totals.append(sum(r.expert_counts for r in g.last_results)))
+        run_group(group, prompts, on_results=lambda g, rs: totals.extend(
+            r.expert_counts for r in rs if r.expert_counts is not None))
     finally:
         group.shutdown()
     counts = sum(totals)                                                        # [L, E]

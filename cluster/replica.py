@@ -167,8 +167,9 @@ class ReplicaEngine:
             for out in outs:
                 if out.queue_time_s is not None:
                     self.metrics.observe_queue_time(out.queue_time_s)
-        for r in results:
-            if r.expert_counts is not None:
-                self.metrics.observe_rank(r.rank, num_running=r.num_running, num_waiting=r.num_waiting,
-                                          kv_usage=r.kv_usage, num_preemptions=r.num_preemptions,
-                                          all_to_all_s=r.all_to_all_s, step_s=r.step_s)
+        for r in results:                  # results without a step (aborts) update the gauges, time nothing
+            stepped = r.expert_counts is not None
+            self.metrics.observe_rank(r.rank, num_running=r.num_running, num_waiting=r.num_waiting,
+                                      kv_usage=r.kv_usage, num_preemptions=r.num_preemptions,
+                                      all_to_all_s=r.all_to_all_s if stepped else None,
+                                      step_s=r.step_s if stepped else None)

@@ -10,7 +10,8 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Protocol
 
-from deploy.api_errors import BadRequestError, no_healthy_replica_error, queue_full_error
+from deploy.api_errors import (BadRequestError, ServiceUnavailableError, no_healthy_replica_error,
+                               queue_full_error)
 from engine.generate_request import GenerateRequest
 from deploy.token_channel import ChannelListener
 from engine.token_output import TokenOutput, coalesce
@@ -102,7 +103,7 @@ class ServeBackend:
             if not isinstance(e.cause, ReplicaUnhealthy):
                 raise
             logger.warning("request %s: replica unhealthy (%s)", request.request_id, e.cause)
-            raise no_healthy_replica_error() from None
+            raise ServiceUnavailableError(f"The model replica failed ({e.cause}); retry later.") from None
         except (ReplicaUnhealthy, _unavailable_errors()) as e:
             logger.warning("request %s: no healthy replica (%s)", request.request_id, e)
             raise no_healthy_replica_error() from None

@@ -117,15 +117,19 @@ def serve_args(rayservice: dict) -> dict:
     return app["args"]
 
 
-MODEL_SERVER = "ModelServer"  # the name deploy/app.py's build_app gives the model deployment
+MODEL_SERVER, GATEWAY = "ModelServer", "Gateway"  # the names deploy/app.py's build_app gives its deployments
+
+
+def deployment_override(rayservice: dict, name: str) -> dict:
+    """The application's `deployments:` entry for deployment `name`, without the name."""
+    (app,) = serve_config(rayservice)["applications"]
+    (override,) = [d for d in app["deployments"] if d["name"] == name]
+    return {k: v for k, v in override.items() if k != "name"}
 
 
 def scaling_override(rayservice: dict) -> dict:
-    """The application's `deployments:` entry for ModelServer (its replicas), without the name."""
-    (app,) = serve_config(rayservice)["applications"]
-    (override,) = app["deployments"]
-    assert override["name"] == MODEL_SERVER, override
-    return {k: v for k, v in override.items() if k != "name"}
+    """The ModelServer replicas: num_replicas or autoscaling_config."""
+    return deployment_override(rayservice, MODEL_SERVER)
 
 
 def replica_bounds(rayservice: dict) -> tuple[int, int]:

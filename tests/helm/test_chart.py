@@ -1,7 +1,6 @@
 """The Helm chart, offline: renders and lints for the defaults and every ci/ values file; built-in kinds validate
 (kubernetes-validate, strict); the RayService validates against the KubeRay CRD (unknown fields rejected); its Serve
-config builds the project's app with AppArgs, its replicas sit in the ModelServer `deployments:` override (so scaling
-never changes import_path or args, and Serve scales in place); GPUs requested = replicas x epSize."""
+config builds the project's app with AppArgs (replica counts: test_scaling.py); the pods mount the checkpoint."""
 import hashlib
 import importlib
 
@@ -10,13 +9,13 @@ import pytest
 
 from deploy.app_config import AppArgs
 from tests.helm.helpers import (
-    CHART_DIR, CI_VALUES, KUBE_VERSION, MODEL_SERVER, SHARED_CRD, VENDORED_CRD, case_values, gpus_per_pod,
-    merged_values, notes, only, pod_templates, render, rayservice_validator, replica_bounds, scaling_override,
-    serve_args, serve_config, validate_builtin, worker_groups)
+    CHART_DIR, CI_VALUES, GATEWAY, KUBE_VERSION, MODEL_SERVER, SHARED_CRD, VENDORED_CRD, case_values, merged_values,
+    notes, only, pod_templates, render, rayservice_validator, serve_args, serve_config, validate_builtin, worker_groups)
 
 CASES = ["default"] + [p.name for p in CI_VALUES]
 CUSTOM_KINDS = {"RayService", "PodMonitor"}
-SCALING_ARGS = {"num_replicas", "autoscaling"}  # AppArgs fields the chart leaves to their defaults (see below)
+# AppArgs fields the chart leaves to their defaults: replica counts go into the deployments overrides instead.
+SCALING_ARGS = {"num_replicas", "autoscaling", "gateway_replicas"}
 
 
 def test_ci_values_cover_the_required_scenarios():
@@ -119,10 +118,10 @@ def test_serve_config_args_parse_into_app_args(case):
     args = AppArgs.model_validate(app["args"])
     assert (args.device, args.dtype, args.model) == ("cuda", "bfloat16", "/model")
     assert not SCALING_ARGS & set(app["args"]), "replicas belong to the deployments override, not to args"
-    (override,) = schema.applications[0].deployments  # Serve's DeploymentSchema accepted the override
-    assert override.name == MODEL_SERVER
-    assert override.model_dump(exclude_unset=True).keys() in ({"name", "num_replicas"},
-                                                             {"name", "autoscaling_config"})
+    # Serve's DeploymentSchema accepted the overrides: replica counts only.
+    overrides = {d.name: d.model_dump(exclude_unset=True).keys() - {"name"} for d in schema.applications[0].deployments}
+    assert overrides[MODEL_SERVER] in ({"num_replicas"}, {"autoscaling_config"})
+    assert overrides[GATEWAY] == {"num_replicas"} and len(overrides) == 2
 
 
 def test_import_path_resolves_to_the_app_builder():
@@ -147,125 +146,12 @@ def test_serve_args_are_the_values_in_snake_case(case):
     assert "api_keys" not in args, "keys must only travel through the Secret"
 
 
-@pytest.mark.parametrize("case", CASES)
-def test_replicas_render_into_the_model_server_deployment_override(case):
-    values = merged_values(case_values(case))
-    override = scaling_override(only(render(case_values(case)), "RayService"))
-    if values["autoscaling"]["enabled"]:
-        assert override == {"autoscaling_config": {
-            "min_replicas": values["autoscaling"]["minReplicas"],
-            "max_replicas": values["autoscaling"]["maxReplicas"],
-            "target_ongoing_requests": values["autoscaling"]["targetOngoingRequests"]}}
-    else:
-        assert override == {"num_replicas": values["numReplicas"]}
-
-
-def test_autoscaling_override_has_the_fields_of_app_args_autoscaling():
-    from deploy.app_config import AutoscalingArgs
-    override = scaling_override(only(render(case_values("autoscaling-values.yaml")), "RayService"))
-    assert set(override["autoscaling_config"]) == set(AutoscalingArgs.model_fields)
-
-
-def test_model_server_is_the_deployment_build_app_creates():
-    # The override names a deployment of the built application, else Serve rejects the config ("does not exist").
-    from ray.serve._private.build_app import build_app as build_serve_app
-
-    from deploy.app import build_app
-    built = build_serve_app(build_app({"model": "demo", "device": "cuda", "ep_size": 8}), name="epserve")
-    assert MODEL_SERVER in {d.name for d in built.deployments}
-
-
-def _app(values: dict) -> dict:
-    (app,) = serve_config(only(render(values), "RayService"))["applications"]
-    return app
-
-
-def _cluster_without_pod_counts(values: dict) -> dict:
-    """The RayService's cluster part minus the worker-group pod counts (the Ray autoscaler's to change)."""
-    cluster = only(render(values), "RayService")["spec"]["rayClusterConfig"]
-    for group in cluster["workerGroupSpecs"]:
-        for key in ("replicas", "minReplicas", "maxReplicas"):
-            group.pop(key)
-    return cluster
-
-
-@pytest.mark.parametrize("before, after", [
-    ({"numReplicas": 1}, {"numReplicas": 3}),
-    ({"autoscaling": {"enabled": True, "minReplicas": 1, "maxReplicas": 4}},
-     {"autoscaling": {"enabled": True, "minReplicas": 2, "maxReplicas": 6, "targetOngoingRequests": 8}}),
-], ids=["num-replicas", "autoscaling-bounds"])
-def test_scaling_upgrade_changes_only_the_deployments_override(before, after):
-    """Serve rebuilds the application and restarts every replica when its code version changes: a hash of import_path,
-    runtime_env, args and a few deployment options, not num_replicas nor the autoscaling bounds
-    (deploy_utils.get_app_code_version). A helm upgrade that only scales must leave it alone."""
-    from ray.serve._private.deploy_utils import get_app_code_version
-    from ray.serve.schema import ServeApplicationSchema
-    base = {"rayAutoscaler": {"maxWorkerPods": 8}}
-    old, new = _app({**base, **before}), _app({**base, **after})
-    assert old["deployments"] != new["deployments"]
-    assert {k: v for k, v in old.items() if k != "deployments"} == {k: v for k, v in new.items() if k != "deployments"}
-    assert (old["import_path"], old["args"]) == (new["import_path"], new["args"])
-    assert get_app_code_version(ServeApplicationSchema(**old)) == get_app_code_version(ServeApplicationSchema(**new))
-    assert _cluster_without_pod_counts({**base, **before}) == _cluster_without_pod_counts({**base, **after})
-
-
-def test_switching_autoscaling_on_is_a_redeploy():
-    # What the README says: Ray 2.60 hashes a deployment's autoscaling policy into the code version, so turning
-    # autoscaling on or off (unlike changing numReplicas or the bounds) rebuilds the application.
-    from ray.serve._private.deploy_utils import get_app_code_version
-    from ray.serve.schema import ServeApplicationSchema
-    fixed, auto = _app({"numReplicas": 1}), _app({"autoscaling": {"enabled": True}})
-    assert fixed["args"] == auto["args"]
-    assert get_app_code_version(ServeApplicationSchema(**fixed)) != get_app_code_version(ServeApplicationSchema(**auto))
-
-
 def test_every_app_argument_is_reachable_from_values():
     reached = set()
     for case in CASES:
         reached |= set(serve_args(only(render(case_values(case)), "RayService")))
-    # num_replicas / autoscaling keep their AppArgs defaults: the deployments override sets the replicas instead.
+    # The replica counts keep their AppArgs defaults: the deployments overrides set the replicas instead.
     assert reached == set(AppArgs.model_fields) - {"api_keys"} - SCALING_ARGS
-
-
-@pytest.mark.parametrize("case", CASES)
-def test_gpus_requested_equal_replicas_times_ep_size(case):
-    rayservice = only(render(case_values(case)), "RayService")
-    ep = serve_args(rayservice)["ep_size"]
-    templates = pod_templates(rayservice)
-    assert gpus_per_pod(templates["head"]) == 0
-    (group,) = worker_groups(rayservice)
-    per_pod = gpus_per_pod(group["template"])
-    lo, hi = replica_bounds(rayservice)
-    if "autoscaling_config" in scaling_override(rayservice):
-        assert lo * ep <= group["replicas"] * per_pod < lo * ep + per_pod  # whole pods for minReplicas
-    else:
-        assert group["replicas"] * per_pod == lo * ep
-    assert group["maxReplicas"] * per_pod == hi * ep
-    assert group["minReplicas"] == 0
-    assert rayservice["spec"]["rayClusterConfig"]["enableInTreeAutoscaling"] is True
-
-
-def test_ep16_spans_two_eight_gpu_pods():
-    rayservice = only(render(case_values("two-nodes-ep16-values.yaml")), "RayService")
-    (group,) = worker_groups(rayservice)
-    assert (group["replicas"], gpus_per_pod(group["template"]), serve_args(rayservice)["ep_size"]) == (2, 8, 16)
-
-
-def test_min_replicas_round_up_to_whole_pods():
-    values = {"expertParallel": {"epSize": 4},
-              "autoscaling": {"enabled": True, "minReplicas": 1, "maxReplicas": 4}}
-    (group,) = worker_groups(only(render(values), "RayService"))
-    assert (group["replicas"], group["maxReplicas"]) == (1, 2)  # 4 GPUs -> one 8-GPU pod; 16 GPUs -> two
-
-
-def test_scaling_with_set_adds_whole_ep_groups():
-    values = case_values("two-nodes-ep16-values.yaml")
-    overrides = helm_python.parse_set_string("numReplicas=3,rayAutoscaler.maxWorkerPods=8")
-    values = {**values, **overrides}
-    rayservice = only(render(values), "RayService")
-    (group,) = worker_groups(rayservice)
-    assert scaling_override(rayservice) == {"num_replicas": 3}
-    assert (group["replicas"], group["maxReplicas"]) == (6, 8)
 
 
 def test_head_and_worker_pods():
@@ -280,9 +166,14 @@ def test_head_and_worker_pods():
         shm = next(v for v in spec["volumes"] if v["name"] == "dshm")["emptyDir"]
         assert shm["medium"] == "Memory" and shm["sizeLimit"]
         assert {"name": "dshm", "mountPath": "/dev/shm"} in spec["containers"][0]["volumeMounts"]
-    assert "model" not in {v["name"] for v in head["volumes"]}
-    mount = next(m for m in worker["containers"][0]["volumeMounts"] if m["name"] == "model")
-    assert mount == {"name": "model", "mountPath": "/model", "readOnly": True, "subPath": "openai/gpt-oss-120b"}
+    # Both mount the checkpoint read-only at the app's `model` path: Serve's build task and 0-CPU Gateway replicas
+    # (which read the model directory) may run on the head.
+    model_dir = serve_args(rayservice)["model"]
+    for spec in (head, worker):
+        (mount,) = [m for m in spec["containers"][0]["volumeMounts"] if m["name"] == "model"]
+        assert mount == {"name": "model", "mountPath": model_dir, "readOnly": True, "subPath": "openai/gpt-oss-120b"}
+        (volume,) = [v for v in spec["volumes"] if v["name"] == "model"]
+        assert volume["persistentVolumeClaim"] == {"claimName": "gpt-oss-120b", "readOnly": True}
     assert worker["nodeSelector"] and worker["tolerations"] and worker["affinity"]
     env = {e["name"]: e.get("value") for e in worker["containers"][0]["env"]}
     assert env["NCCL_SOCKET_IFNAME"] == "eth0" and env["NCCL_IB_DISABLE"] == "0" and env["NCCL_IB_HCA"] == "mlx5"
@@ -291,8 +182,11 @@ def test_head_and_worker_pods():
 
 def test_host_path_model_source():
     rayservice = only(render(case_values("single-node-ep8-values.yaml")), "RayService")
-    (volume,) = [v for v in pod_templates(rayservice)["h100"]["spec"]["volumes"] if v["name"] == "model"]
-    assert volume == {"name": "model", "hostPath": {"path": "/data/models/gpt-oss-120b", "type": "Directory"}}
+    for template in pod_templates(rayservice).values():  # head included: the directory must exist on its node too
+        (volume,) = [v for v in template["spec"]["volumes"] if v["name"] == "model"]
+        assert volume == {"name": "model", "hostPath": {"path": "/data/models/gpt-oss-120b", "type": "Directory"}}
+        (mount,) = [m for m in template["spec"]["containers"][0]["volumeMounts"] if m["name"] == "model"]
+        assert mount == {"name": "model", "mountPath": "/model", "readOnly": True}
 
 
 def test_api_keys_secret_reaches_every_pod():

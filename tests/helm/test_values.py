@@ -52,6 +52,13 @@ INVALID = {
     "gpus-in-resources": ({"worker": {"resources": {"limits": {"nvidia.com/gpu": 4}}}}, ["/worker/resources/limits"]),
     "chart-owned-ray-start-param": ({"head": {"rayStartParams": {"metrics-export-port": "9090"}}},
                                     ["/head/rayStartParams/metrics-export-port", "false schema"]),
+    "dashboard-host-override": ({"head": {"rayStartParams": {"dashboard-host": "127.0.0.1"}}},
+                                ["/head/rayStartParams/dashboard-host", "false schema"]),
+    "ray-auth-through-env": ({"env": [{"name": "RAY_AUTH_MODE", "value": "token"}]},
+                             ["env sets RAY_AUTH_MODE: use rayAuth.enabled"]),
+    "gateway-replicas-zero": ({"gatewayReplicas": 0}, ["/gatewayReplicas", "minimum: got 0, want 1"]),
+    "network-policy-peer-typo": ({"networkPolicy": {"dashboardFrom": [{"namespaceSelectors": {}}]}},
+                                 ["/networkPolicy/dashboardFrom/0"]),
     "bad-placement": ({"expertParallel": {"placementStrategy": "STRICT_PACK"}},
                       ["/expertParallel/placementStrategy", "value must be one of"]),
 }

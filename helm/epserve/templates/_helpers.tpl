@@ -49,14 +49,18 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
 {{- end }}
 
-{{/* Fixed mount path of the checkpoint in the GPU workers; it is also the app's `model` argument. */}}
+{{/* Fixed mount path of the checkpoint in every Ray pod (head and workers); it is also the app's `model` argument. */}}
 {{- define "epserve.modelMountPath" -}}
 /model
 {{- end }}
 
-{{/* Fixed ports: Serve HTTP (gateway) and the Ray dashboard. The metrics port is a value. */}}
+{{/* Fixed ports: Serve HTTP (gateway) and the Ray dashboard (KubeRay's default). The metrics port is a value. */}}
 {{- define "epserve.servePort" -}}
 8000
+{{- end }}
+
+{{- define "epserve.dashboardPort" -}}
+8265
 {{- end }}
 
 {{/*
@@ -93,7 +97,12 @@ Call with (dict "root" $ "replicas" N).
 {{- if and (kindIs "float64" .) (eq (float64 (int64 .)) .) }}{{ int64 . }}{{ else }}{{ toString . }}{{ end }}
 {{- end }}
 
-{{/* `ray start` parameters: the chart's own win over the user's extras (the schema rejects overriding them). */}}
+{{/*
+`ray start` parameters: the chart's own win over the user's extras (the schema rejects overriding them).
+dashboard-host is 0.0.0.0 on purpose: without it KubeRay sets the same, and it cannot be 127.0.0.1 in a RayService,
+because the KubeRay operator deploys and polls the Serve application through the dashboard port of the head Service
+(PUT/GET /api/serve/applications/). The NetworkPolicy limits who reaches that port; rayAuth adds a token.
+*/}}
 {{- define "epserve.rayStartParams" -}}
 {{- $root := .root }}
 {{- $own := dict "metrics-export-port" (include "epserve.str" $root.Values.metrics.port) }}
@@ -146,7 +155,7 @@ Call with (dict "root" $ "replicas" N).
 - name: gcs-server
   containerPort: 6379
 - name: dashboard
-  containerPort: 8265
+  containerPort: {{ include "epserve.dashboardPort" . }}
 - name: client
   containerPort: 10001
 {{- end }}
@@ -165,7 +174,8 @@ Call with (dict "root" $ "replicas" N).
 
 {{/*
 The pod template of a Ray node group. Call with (dict "root" $ "role" "head"|"worker" "group" .Values.head|.Values.worker).
-Head: GCS + Serve controller + proxy, no GPUs, no model. Worker: gpusPerNode GPUs, the checkpoint at /model, NCCL env.
+Both mount the checkpoint read-only at /model: Serve's build task and 0-CPU Gateway replicas may run on the head.
+Head: GCS + Serve controller + proxy + dashboard, no GPUs. Worker: gpusPerNode GPUs, NCCL env.
 */}}
 {{- define "epserve.podTemplate" -}}
 {{- $root := .root }}
@@ -224,20 +234,17 @@ spec:
       volumeMounts:
         - name: dshm
           mountPath: /dev/shm
-        {{- if eq .role "worker" }}
         - name: model
           mountPath: {{ include "epserve.modelMountPath" $root }}
           readOnly: true
           {{- with and $v.model.pvc.claimName $v.model.pvc.subPath }}
           subPath: {{ . }}
           {{- end }}
-        {{- end }}
   volumes:
     - name: dshm
       emptyDir:
         medium: Memory
         sizeLimit: {{ .group.shmSizeLimit }}
-    {{- if eq .role "worker" }}
     - name: model
       {{- if $v.model.pvc.claimName }}
       persistentVolumeClaim:
@@ -248,5 +255,4 @@ spec:
         path: {{ $v.model.hostPath.path }}
         type: Directory
       {{- end }}
-    {{- end }}
 {{- end }}

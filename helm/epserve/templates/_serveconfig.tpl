@@ -4,8 +4,9 @@ takes. Its `args` are deploy.app_config.AppArgs: values are camelCase, args snak
 (expertParallel.epSize -> ep_size, engine.maxModelLen -> max_model_len, ...). This is the only place values become
 app arguments. API keys never appear here: only the name of the env var that carries them (api_keys_env).
 
-Replica counts are not app arguments here: they go into the application's `deployments:` override of the ModelServer
-deployment (epserve.scalingOverride). Serve rebuilds and redeploys an application whose import_path or args change,
+Replica counts are not app arguments here (AppArgs num_replicas, autoscaling, gateway_replicas): they go into the
+application's `deployments:` overrides of the ModelServer and Gateway deployments (epserve.scalingOverride,
+epserve.gatewayReplicas). Serve rebuilds and redeploys an application whose import_path or args change,
 restarting every replica; a change confined to that override is applied to the running replicas (num_replicas:
 replicas are added or removed, the others keep serving; autoscaling_config bounds: reconfigured in place).
 */}}
@@ -27,9 +28,18 @@ replicas are added or removed, the others keep serving; autoscaling_config bound
 {{- toYaml $args }}
 {{- end }}
 
-{{- /* The name deploy/app.py's build_app gives the model deployment (`.options(name="ModelServer")`). */}}
+{{- /* The names deploy/app.py's build_app gives its deployments (`.options(name=...)`). */}}
 {{- define "epserve.modelServerDeployment" -}}
 ModelServer
+{{- end }}
+
+{{- define "epserve.gatewayDeployment" -}}
+Gateway
+{{- end }}
+
+{{- /* Gateway replicas: gatewayReplicas, else one per ModelServer replica (the most Serve may run), at least one. */}}
+{{- define "epserve.gatewayReplicas" -}}
+{{- if kindIs "invalid" .Values.gatewayReplicas }}{{ max 1 (int (include "epserve.maxReplicas" .)) }}{{ else }}{{ int .Values.gatewayReplicas }}{{ end }}
 {{- end }}
 
 {{- /* The ModelServer replicas, in Serve's per-deployment override: num_replicas, or autoscaling_config (never both). */}}
@@ -61,4 +71,6 @@ applications:
     deployments:
       - name: {{ include "epserve.modelServerDeployment" . }}
         {{- include "epserve.scalingOverride" . | nindent 8 }}
+      - name: {{ include "epserve.gatewayDeployment" . }}
+        num_replicas: {{ include "epserve.gatewayReplicas" . }}
 {{- end }}

@@ -53,6 +53,13 @@ values involved and what to change; `helm install`, `helm template` and `helm li
 {{- fail "epserve: set only one of apiKeys.keys and apiKeys.existingSecret" }}
 {{- end }}
 {{- end }}
+
+{{- /* 7. Ray token auth only through rayAuth: the KubeRay operator needs the token too (it deploys the Serve app). */}}
+{{- range $v.env }}
+{{- if has .name (list "RAY_AUTH_MODE" "RAY_AUTH_TOKEN" "RAY_AUTH_TOKEN_PATH") }}
+{{- fail (printf "epserve: env sets %s: use rayAuth.enabled (and rayAuth.existingSecret for your own token) instead; KubeRay then gives the token to every Ray container and to its own calls that deploy the Serve app" .name) }}
+{{- end }}
+{{- end }}
 {{- end }}
 
 {{/* "1, 2, 4, 8" for 8: the epSize values that pack into one pod. */}}

@@ -19,16 +19,38 @@ from model.packed_experts import PackedMXFP4Experts
 
 
 class EPStats:
-    """Shared by every layer of a rank: token counts per (layer, logical expert) and all-to-all time."""
+    """Shared by every layer of a rank: token counts per (layer, logical expert) and all-to-all time (the dispatch
+    and combine collectives only, not the expert MLP between them). On CUDA the collectives run asynchronously, so
+    they are timed with CUDA events on the stream (no host sync on the step path), read in `take` after the step,
+    whose sampled-token read-back has already waited for them; on CPU with the host clock."""
 
     def __init__(self, num_layers: int, num_experts: int, device: torch.device | str):
         self.counts = torch.zeros(num_layers, num_experts, dtype=torch.long, device=device)  # [L, E]
         self.all_to_all_s = 0.0
+        self._events: list = []                 # CUDA: (start, end) event pairs of this step
+
+    @staticmethod
+    def mark(device: torch.device):
+        """A point in time on `device`'s stream: a recorded CUDA event, or perf_counter on CPU."""
+        if device.type == "cuda":
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def add(self, start, end) -> None:
+        if isinstance(start, float):
+            self.all_to_all_s += end - start
+        else:
+            self._events.append((start, end))
 
     def take(self) -> tuple[torch.Tensor, float]:
+        for start, end in self._events:
+            end.synchronize()                   # long done: the step's outputs were read back after it
+            self.all_to_all_s += start.elapsed_time(end) / 1e3
         counts, seconds = self.counts.clone(), self.all_to_all_s
         self.counts.zero_()
-        self.all_to_all_s = 0.0
+        self.all_to_all_s, self._events = 0.0, []
         return counts, seconds
 
 
@@ -76,16 +98,18 @@ class EPExperts(nn.Module):
         dest = (slots // S).flatten()                                                    # [P] rank of each pair
         order = torch.argsort(dest, stable=True)                                         # [P] pairs by rank
         send_counts = torch.bincount(dest, minlength=self.ep_size)                       # [ep]
-        recv_counts = self._exchange_counts(send_counts)
-        send, recv = send_counts.tolist(), recv_counts.tolist()
         x = t[order // K]                                                                # [P, H]
         local_slot = (slots.flatten()[order] % S)                                        # [P]
-        start = time.perf_counter()
+        start = self.stats.mark(device)                              # dispatch: counts, rows and their slots
+        recv_counts = self._exchange_counts(send_counts)
+        send, recv = send_counts.tolist(), recv_counts.tolist()
         recv_x = self._all_to_all(x, recv, send)                                         # [R, H]
         recv_slot = self._all_to_all(local_slot, recv, send)                             # [R]
+        self.stats.add(start, self.stats.mark(device))
         y = self._grouped_mlp(recv_x, recv_slot)                                         # [R, H]
+        start = self.stats.mark(device)                              # combine
         back = self._all_to_all(y, send, recv)                                           # [P, H] in `order`
-        self.stats.all_to_all_s += time.perf_counter() - start
+        self.stats.add(start, self.stats.mark(device))
         pair_out = torch.empty_like(back)
         pair_out[order] = back                                                           # [P, H] pair order
         pair_out = pair_out.view(T, K, t.shape[1]).float()

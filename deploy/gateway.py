@@ -1,5 +1,6 @@
 """Gateway: the Serve ingress deployment. A FastAPI app with the OpenAI routes (deploy/openai_routes.py) whose
-ServingContext talks to the ModelServer deployment through its handle (Serve's router picks the replica).
+ServingContext talks to the ModelServer deployment through its handle (Serve's router picks the replica); /health
+is ready once a ModelServer replica runs (deploy/serve_readiness.py).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from deploy.backend import ServeBackend
 from deploy.model_paths import resolve_model_dir, served_name
 from deploy.openai_routes import register_routes
 from deploy.serving_context import ServingContext
+from deploy.serve_readiness import ServeReadiness
 from deploy.tokenizer import Tokenizer, model_stop_ids
 from model.config import ModelConfig
 from monitoring.recorders import RequestMetrics, current_replica_id
@@ -54,9 +56,10 @@ class Gateway:
         _context = ctx = ServingContext(
             backend=ServeBackend(model_server), tokenizer=tokenizer,
             model_name=served_name(app_args.model, app_args.served_model_name),
-            max_model_len=min(app_args.max_model_len, config.max_position_embeddings),
+            max_model_len=min(app_args.max_model_len or config.max_position_embeddings, config.max_position_embeddings),
             eos_token_ids=model_stop_ids(model_dir, tokenizer), api_keys=api_keys(app_args),
             max_request_bytes=app_args.max_request_bytes, metrics=RequestMetrics(served_name(
-                app_args.model, app_args.served_model_name), replica=current_replica_id()))
+                app_args.model, app_args.served_model_name), replica=current_replica_id()),
+            readiness=ServeReadiness(model_server.app_name, model_server.deployment_name))
         logger.info("gateway serving %s (max_model_len %d, auth %s)", ctx.model_name, ctx.max_model_len,
                     "on" if ctx.api_keys else "off")

@@ -2,13 +2,13 @@
 `{"error": {"message", "type", "param", "code"}}` on every error, never a stack trace.
 
 Each generation request goes: API key -> body size -> JSON -> pydantic -> model name -> service plan -> backend.
-Handlers find the ServingContext at `request.app.state.ctx`; nothing here imports Ray.
+Handlers find the ServingContext at `request.app.state.ctx`; nothing here imports Ray. Each error answered is
+counted once in the HTTP-errors metric; a generation request's TTFT and e2e run from its arrival here.
 """
 from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import suppress
@@ -21,10 +21,11 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response, StreamingResponse
 
-from deploy.api_errors import (APIError, BadRequestError, invalid_api_key_error, model_not_found_error,
-                               request_too_large_error, route_not_found_error, validation_error)
+from deploy.api_errors import (APIError, BadRequestError, ServiceUnavailableError, invalid_api_key_error,
+                               model_not_found_error, route_not_found_error, validation_error)
 from deploy.chat_service import GenerationPlan, as_api_error, collect, generate_outputs, plan_chat_completion
 from deploy.completion_service import plan_completion
+from deploy.json_body import read_json_object
 from deploy.protocol import ChatCompletionRequest, CompletionRequest
 from deploy.protocol_outputs import ModelCard, ModelList
 from deploy.responses_protocol import ResponsesRequest
@@ -60,28 +61,48 @@ def _status_error(status: int, message: str, headers: dict | None = None) -> API
     return err
 
 
+def _counted(request: Request, err: APIError) -> Response:
+    """The error's response, counted in the HTTP-errors metric (errors _guard does not see: routing, last resort)."""
+    metrics = getattr(getattr(request.app.state, "ctx", None), "metrics", None)
+    if metrics is not None:
+        metrics.on_http_error(err.status_code)
+    return error_response(err)
+
+
 async def _api_error(request: Request, exc: Exception) -> Response:
-    return error_response(as_api_error(exc))
+    return _counted(request, as_api_error(exc))
 
 
 async def _http_exception(request: Request, exc: HTTPException) -> Response:
     if exc.status_code == 404:
-        return error_response(route_not_found_error(request.url.path))
+        return _counted(request, route_not_found_error(request.url.path))
     if exc.status_code == 405:
-        return error_response(_status_error(405, f"Method {request.method} is not allowed on {request.url.path}.",
-                                            exc.headers))
-    return error_response(_status_error(exc.status_code, str(exc.detail), exc.headers))
+        return _counted(request, _status_error(405, f"Method {request.method} is not allowed on "
+                                                    f"{request.url.path}.", exc.headers))
+    return _counted(request, _status_error(exc.status_code, str(exc.detail), exc.headers))
 
 
 async def _request_validation_error(request: Request, exc: RequestValidationError) -> Response:
     first = (exc.errors() or [{}])[0]
     param = ".".join(str(p) for p in first.get("loc", ()))
-    return error_response(BadRequestError(f"{param}: {first.get('msg', 'invalid value')}", param=param or None))
+    return _counted(request, BadRequestError(f"{param}: {first.get('msg', 'invalid value')}", param=param or None))
 
 
 # ---- routes ----------------------------------------------------------------------------------------------------
 async def health(request: Request) -> Response:
-    return Response("{}", media_type="application/json")
+    """200 `{}` when the context's readiness probe (if any) finds a model replica that can serve, else 503 with
+    its reason. Open without an API key (probes); not counted as an HTTP error (a probe polls it while starting)."""
+    probe = request.app.state.ctx.readiness
+    if probe is None:
+        return Response("{}", media_type="application/json")
+    try:
+        reason = await probe()
+    except Exception as e:
+        logger.warning("readiness probe failed: %s", e, exc_info=True)
+        reason = f"Readiness unknown: the probe failed ({type(e).__name__})."
+    if reason is None:
+        return Response("{}", media_type="application/json")
+    return error_response(ServiceUnavailableError(reason))
 
 
 async def list_models(request: Request) -> Response:
@@ -116,8 +137,9 @@ def _json(body: BaseModel) -> Response:
     return Response(body.model_dump_json(), media_type="application/json")
 
 
-async def _guard(request: Request, handle: Callable) -> Response:
-    """Authenticate, then run `handle(ctx)`; every failure becomes an OpenAI error body."""
+async def _guard(request: Request, handle: Callable, timer=None) -> Response:
+    """Authenticate, then run `handle(ctx)`; every failure becomes an OpenAI error body, counted once: by the
+    request's `timer` when it has one (which ignores a second report), else directly."""
     ctx: ServingContext = request.app.state.ctx
     try:
         _authenticate(request, ctx)
@@ -128,22 +150,27 @@ async def _guard(request: Request, handle: Callable) -> Response:
         return Response(status_code=CLIENT_CLOSED_REQUEST)
     except Exception as e:
         err = as_api_error(e)
-        if ctx.metrics is not None:
+        if timer is not None:
+            timer.on_error(err.status_code)
+        elif ctx.metrics is not None:
             ctx.metrics.on_http_error(err.status_code)
         return error_response(err)
 
 
 async def _generate(request: Request, schema: type[BaseModel], plan: Callable) -> Response:
+    metrics = request.app.state.ctx.metrics
+    timer = metrics.start() if metrics is not None else None   # arrival: TTFT/e2e include parsing, rendering, queue
+
     async def run(ctx: ServingContext) -> Response:
-        body = await _read_json(request, ctx.max_request_bytes)
+        body = await read_json_object(request, ctx.max_request_bytes)
         try:
             req = schema.model_validate(body)
         except ValidationError as e:
             raise validation_error(e) from None
         if req.model is not None and req.model != ctx.model_name:
             raise model_not_found_error(req.model)
-        return await run_plan(request, ctx, plan(ctx, req))
-    return await _guard(request, run)
+        return await run_plan(request, ctx, plan(ctx, req), timer)
+    return await _guard(request, run, timer)
 
 
 def _authenticate(request: Request, ctx: ServingContext) -> None:
@@ -156,32 +183,12 @@ def _authenticate(request: Request, ctx: ServingContext) -> None:
         raise invalid_api_key_error()
 
 
-async def _read_json(request: Request, limit: int) -> dict:
-    """The body as a JSON object; 413 past `limit` bytes, judged by Content-Length and by what actually arrives."""
-    declared = request.headers.get("content-length")
-    if declared is not None and not declared.isdigit():
-        raise BadRequestError(f"Invalid Content-Length header {declared!r}.")
-    if declared is not None and int(declared) > limit:
-        raise request_too_large_error(limit)
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise request_too_large_error(limit)
-    try:
-        data = json.loads(body)
-    except ValueError as e:   # JSONDecodeError and UnicodeDecodeError
-        raise BadRequestError(f"The request body is not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise BadRequestError("The request body must be a JSON object.")
-    return data
-
-
 # ---- running a plan: disconnects and the event stream ----------------------------------------------------------
-async def run_plan(request: Request, ctx: ServingContext, plan: GenerationPlan) -> Response:
+async def run_plan(request: Request, ctx: ServingContext, plan: GenerationPlan, timer=None) -> Response:
+    """Run the plan's requests; `timer` (monitoring.recorders.RequestTimer, started at arrival) times them."""
     outputs = generate_outputs(ctx.backend, plan.requests)
-    if ctx.metrics is not None:
-        outputs = _metered(outputs, ctx.metrics.start())
+    if timer is not None:
+        outputs = _metered(outputs, timer)
     if not plan.stream:
         return _json(plan.body(await until_disconnected(request, collect(outputs))))
     # Wait for the first output before answering, so 400/429/503 from the backend are real HTTP statuses.
@@ -195,7 +202,8 @@ async def run_plan(request: Request, ctx: ServingContext, plan: GenerationPlan) 
 
 
 async def _metered(outputs: AsyncIterator, timer) -> AsyncIterator:
-    """Pass outputs through, timing tokens as the client gets them (TTFT, ITL, e2e, finish reason)."""
+    """Pass outputs through, timing tokens as the client gets them (TTFT, ITL, e2e, finish reason). An error is
+    reported to the timer here, also one after the response started (which _guard never sees)."""
     reason = "stop"
     try:
         async for index, out in outputs:

@@ -1,4 +1,5 @@
-"""`epserve serve`: a local Ray cluster, Serve's HTTP proxy on --host/--port, and the app from build_app.
+"""`epserve serve`: a local Ray cluster (or an existing one: --ray-address / RAY_ADDRESS), Serve's HTTP proxy on
+--host/--port, and the app from build_app.
 
 Flags map one to one onto AppArgs fields (`--ep-size` -> ep_size ...), as the Helm values do. Blocks until
 SIGINT/SIGTERM, then shuts Serve and Ray down.
@@ -24,6 +25,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--metrics-port", type=int, default=None, help="Ray metrics export port (Prometheus target)")
     p.add_argument("--num-cpus", type=int, default=None, help="logical CPUs of the local Ray node (default: enough)")
+    p.add_argument("--ray-address", default=os.environ.get("RAY_ADDRESS") or None,
+                   help="join this Ray cluster (host:port of its GCS; default: $RAY_ADDRESS) instead of starting a "
+                        "local one; ranks go wherever the placement strategy puts them")
     p.add_argument("--replicas", type=int, default=1, help="ModelServer replicas, one EP group each")
     p.add_argument("--min-replicas", type=int, default=None, help="with --max-replicas: Serve autoscaling")
     p.add_argument("--max-replicas", type=int, default=None)
@@ -65,10 +69,13 @@ def run(ns: argparse.Namespace) -> None:
     from deploy.app import build_app
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     replicas = args.autoscaling.max_replicas if args.autoscaling else args.num_replicas
-    ray.init(num_cpus=ns.num_cpus or max(8, replicas * (args.ep_size + 1) + 1), include_dashboard=False,
-             _node_ip_address="127.0.0.1" if ns.host in ("127.0.0.1", "localhost") else None,
-             _metrics_export_port=ns.metrics_port, configure_logging=False,
-             _system_config={"metrics_report_interval_ms": 2000})
+    loopback = "127.0.0.1" if ns.host in ("127.0.0.1", "localhost") else None
+    if ns.ray_address:        # an existing cluster: its nodes and resources are what they are
+        ray.init(address=ns.ray_address, _node_ip_address=loopback, configure_logging=False)
+    else:
+        ray.init(num_cpus=ns.num_cpus or max(8, replicas * (args.ep_size + 1) + 1), include_dashboard=False,
+                 _node_ip_address=loopback, _metrics_export_port=ns.metrics_port, configure_logging=False,
+                 _system_config={"metrics_report_interval_ms": 2000})
     serve.start(http_options={"host": ns.host, "port": ns.port})
     serve.run(build_app(args.model_dump()), name="epserve", route_prefix="/", blocking=False)
     logger.info("epserve: OpenAI API on http://%s:%d/v1 (%d x EP%d)", ns.host, ns.port, replicas, args.ep_size)
@@ -76,5 +83,8 @@ def run(ns: argparse.Namespace) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     stop.wait()
-    serve.shutdown()
+    if ns.ray_address:        # a shared cluster: take our app away, leave Serve and the cluster running
+        serve.delete("epserve")
+    else:
+        serve.shutdown()
     ray.shutdown()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Awaitable, Callable
 
 from deploy.backend import GenerationBackend
 from deploy.tokenizer import Tokenizer
@@ -17,3 +18,6 @@ class ServingContext:
     api_keys: frozenset[str] = frozenset()   # empty: no authentication
     max_request_bytes: int = 1 << 20
     metrics: object | None = None            # monitoring.recorders.RequestMetrics (TTFT/ITL/e2e, HTTP errors)
+    # /health's readiness probe: awaits to None when a model replica can serve, else to the reason it cannot
+    # (starting, failed to deploy: ...). None: always ready (an in-process backend).
+    readiness: Callable[[], Awaitable[str | None]] | None = None

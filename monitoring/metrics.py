@@ -50,7 +50,8 @@ STEP_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.04,
                 2.56, 5.12, 10.24)
 
 TTFT = MetricSpec("epserve_time_to_first_token_seconds", HISTOGRAM,
-                  "Time from receiving the request to sending its first token, as the client sees it.", _BASE,
+                  "Time from the request's arrival at the gateway (before parsing and rendering) to sending "
+                  "its first token, as the client sees it.", _BASE,
                   TTFT_BUCKETS)
 ITL = MetricSpec("epserve_inter_token_latency_seconds", HISTOGRAM,
                  "Time between consecutive token chunks sent to the client.", _BASE, ITL_BUCKETS)
@@ -61,8 +62,9 @@ QUEUE_TIME = MetricSpec("epserve_request_queue_time_seconds", HISTOGRAM,
                         REQUEST_BUCKETS)
 REQUEST_SUCCESS = MetricSpec("epserve_request_success", COUNTER, "Finished requests by finish reason.",
                              _BASE + ("finished_reason",))
-HTTP_ERRORS = MetricSpec("epserve_http_errors", COUNTER, "Requests answered with an HTTP error, by status code.",
-                         _BASE + ("status_code",))
+HTTP_ERRORS = MetricSpec("epserve_http_errors", COUNTER,
+                         "Requests answered with an HTTP error (each once, also mid-stream), by status code; "
+                         "/health's 503 is not counted.", _BASE + ("status_code",))
 PROMPT_TOKENS = MetricSpec("epserve_prompt_tokens", COUNTER, "Prompt tokens of admitted requests.", _BASE)
 GENERATION_TOKENS = MetricSpec("epserve_generation_tokens", COUNTER, "Generated tokens.", _BASE)
 RUNNING = MetricSpec("epserve_num_requests_running", GAUGE, "Sequences in the rank's running batch.",

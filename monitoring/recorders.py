@@ -58,17 +58,19 @@ class RequestMetrics(_Recorder):
         return RequestTimer(self, time.monotonic() if now is None else now)
 
     def on_http_error(self, status_code: int) -> None:
-        """A request answered with an error status (4xx/5xx), including one that failed after streaming began."""
+        """A request without a timer answered with an error status (4xx/5xx). A timed request reports through
+        RequestTimer.on_error, which counts it once however many layers report the same failure."""
         self._record(HTTP_ERRORS, 1, status_code=status_code)
 
 
 class RequestTimer:
-    """One request: TTFT at its first token chunk, ITL between chunks, e2e and outcome when it ends (once)."""
+    """One request: TTFT at its first token chunk, ITL between chunks, e2e and outcome when it ends (once), and
+    its HTTP error (once)."""
 
-    __slots__ = ("metrics", "start", "last", "done")
+    __slots__ = ("metrics", "start", "last", "done", "failed")
 
     def __init__(self, metrics: RequestMetrics, start: float):
-        self.metrics, self.start, self.last, self.done = metrics, start, None, False
+        self.metrics, self.start, self.last, self.done, self.failed = metrics, start, None, False, False
 
     def on_tokens(self, num_tokens: int = 1, now: float | None = None) -> None:
         """A chunk carrying `num_tokens` new tokens was sent to the client (chunks without tokens: don't call)."""
@@ -90,9 +92,11 @@ class RequestTimer:
             self.metrics._record(REQUEST_SUCCESS, 1, finished_reason=finished_reason)
 
     def on_error(self, status_code: int) -> None:
-        """The request failed with this HTTP status (counted once, never also as a success)."""
-        if not self.done:
-            self.done = True
+        """The request failed with this HTTP status, before or after streaming began: counted once, however many
+        layers report it, and never then a success. After on_finish it still counts (the generation ended but its
+        response could not be built: a server bug must not go uncounted)."""
+        if not self.failed:
+            self.done = self.failed = True
             self.metrics.on_http_error(status_code)
 
 

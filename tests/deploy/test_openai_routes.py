@@ -34,6 +34,15 @@ def assert_error(r, status, fragment=None, param=None):
     return error
 
 
+def test_json_depth_at_the_limit_and_escaped_surrogate_pairs_are_accepted(fake, tok):
+    client, backend = fake()
+    deep = b'{"messages": [{"role": "user", "content": "Hi"}], "x": ' + b"[" * 63 + b"]" * 63 + b"}"   # 64 levels
+    assert client.post(CHAT, content=deep, headers={"content-type": "application/json"}).status_code == 200
+    pair = b'{"messages": [{"role": "user", "content": "smile \\ud83d\\ude00 \\\\ud800"}]}'  # U+1F600, "\\ud800"
+    assert client.post(CHAT, content=pair, headers={"content-type": "application/json"}).status_code == 200
+    assert tok.decode(backend.requests[-1].prompt_token_ids).count("smile \U0001F600 \\ud800") == 1
+
+
 def test_models_and_health(fake):
     client, _ = fake()
     assert client.get("/health").status_code == 200 and client.get("/health").json() == {}
@@ -41,6 +50,27 @@ def test_models_and_health(fake):
     assert card["id"] == MODEL and card["object"] == "model" and card["max_model_len"] == MAX_MODEL_LEN
     assert client.get(f"/v1/models/{MODEL}").json()["id"] == MODEL
     assert_error(client.get("/v1/models/gpt-4"), 404, "The model `gpt-4` does not exist.")
+
+
+def test_health_follows_the_readiness_probe(fake):
+    """Without a probe (in-process backends) /health is 200; with one, 503 with its reason until it finds a model
+    replica, 200 after, and 503 again when it fails; open without an API key."""
+    answers = ["No ModelServer replica can serve yet (deployment UPDATING).", None,
+               "The model deployment ModelServer failed to deploy: RuntimeError: rank 1: out of KV memory", None]
+
+    async def probe():
+        answer = answers.pop(0) if answers else RuntimeError("controller gone")
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+    client, _ = fake(ctx_kw={"readiness": probe, "api_keys": frozenset({"sk-good"})})
+    error = assert_error(client.get("/health"), 503, "can serve yet")
+    assert error["type"] == "ServiceUnavailableError"
+    r = client.get("/health")
+    assert r.status_code == 200 and r.json() == {}
+    assert_error(client.get("/health"), 503, "failed to deploy: RuntimeError: rank 1: out of KV memory")
+    assert client.get("/health").status_code == 200
+    assert_error(client.get("/health"), 503, "Readiness unknown")
 
 
 def test_api_keys(fake):
@@ -102,6 +132,13 @@ BAD_INPUTS = [
     (RESPONSES, {"model": MODEL}, 400, "input"),
     (RESPONSES, {"input": "Hi", "tools": [{"type": "web_search"}]}, 400, "web_search"),
     (RESPONSES, {"input": "Hi", "max_output_tokens": 0}, 400, "max_output_tokens"),
+    (CHAT, b"[" * 100_000, 400, "more than 64 levels deep"),                       # json.loads: RecursionError
+    (CHAT, b'{"messages": ' + b"[" * 70 + b"]" * 70 + b"}", 400, "more than 64 levels deep"),     # parses fine
+    (CHAT, b'{"messages": [{"role": "user", "content": "\\ud800"}]}', 400, "messages.0.content: the string"),
+    (COMPLETIONS, b'{"prompt": "x", "stop": ["ok", "\\udfff"]}', 400, "lone UTF-16 surrogate"),
+    (RESPONSES, b'{"input": "\xed\xa0\x80"}', 400, "not valid UTF-8"),                    # encoded surrogate
+    (COMPLETIONS, '{"prompt": "\ud800"}'.encode("utf-16", "surrogatepass"), 400, "not valid UTF-8"),
+    (CHAT, b'{"messages": [{"role": "user", "content": "x"}], "user": {"\\ud83d": 1}}', 400, "user.\\ud83d: the key"),
 ]
 
 

@@ -1,5 +1,5 @@
 """The live stack with the official openai client: Serve app (Gateway + ModelServer, EP 2, the trained demo
-model), overload, disconnects and a bad-input matrix. Scaling: test_serve_scaling.py."""
+model), /health readiness, overload, disconnects and a bad-input matrix. Scaling: test_serve_scaling.py."""
 import concurrent.futures
 import json
 import random
@@ -36,6 +36,15 @@ def server_stats(ray_cluster) -> dict:
 def ask(client, question: str, max_tokens: int = 60, **kw):
     return client.chat.completions.create(model="gpt-oss-demo", messages=[{"role": "user", "content": question}],
                                           temperature=0, max_tokens=max_tokens, **kw)
+
+
+def test_health_is_ready_once_a_model_server_replica_runs(url):
+    """503 with OpenAI's body while the ModelServer starts (the gateway is up first), then 200 `{}`; no API key."""
+    deadline = time.monotonic() + 120
+    while (r := httpx.get(f"{url}/health", timeout=10)).status_code != 200 and time.monotonic() < deadline:
+        assert r.status_code == 503 and r.json()["error"]["code"] == 503, r.text
+        time.sleep(0.5)
+    assert r.status_code == 200 and r.json() == {}
 
 
 def test_models_and_chat(client):
@@ -80,6 +89,12 @@ def test_demo_model_answers_held_out_questions(client):
 
 BAD = [  # (description, method, path, body (dict, or raw str), headers, status)
     ("malformed json", "POST", "/v1/chat/completions", "{not json", {}, 400),
+    ("deeply nested json", "POST", "/v1/chat/completions", "[" * 60_000, {}, 400),      # json.loads recursion
+    ("nested beyond the depth limit", "POST", "/v1/chat/completions",
+     '{"messages": ' + "[" * 80 + "]" * 80 + "}", {}, 400),
+    ("lone surrogate in content", "POST", "/v1/chat/completions",
+     '{"messages": [{"role": "user", "content": "\\ud800"}]}', {}, 400),
+    ("lone surrogate in a stop string", "POST", "/v1/completions", '{"prompt": "x", "stop": ["\\udfff"]}', {}, 400),
     ("messages not a list", "POST", "/v1/chat/completions", {"messages": "hi"}, {}, 400),
     ("empty messages", "POST", "/v1/chat/completions", {"messages": []}, {}, 400),
     ("unknown role", "POST", "/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, {}, 400),

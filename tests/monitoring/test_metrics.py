@@ -182,11 +182,21 @@ def test_timer_records_ttft_once_and_outcome_once():
     timer.on_tokens(1, now=10.5)
     timer.on_tokens(1, now=10.75)
     timer.on_finish("length", now=11.0)
-    timer.on_error(500)
+    timer.on_finish("stop", now=11.5)
     timer.on_tokens(1, now=12.0)
     assert [(n, v) for n, v, _ in sink.records] == [
         (m.TTFT.name, 0.5), (m.ITL.name, 0.25), (m.E2E.name, 1.0), (m.REQUEST_SUCCESS.name, 1.0)]
     assert sink.records[-1][2]["finished_reason"] == "length"
+    timer.on_error(500)                                  # its response failed after all: counted, once
+    timer.on_error(500)
+    assert [t["status_code"] for n, _, t in sink.records if n == m.HTTP_ERRORS.name] == ["500"]
+    failing = RequestMetrics("m", replica="g", sink=sink).start(now=0.0)
+    failing.on_error(429)
+    failing.on_error(429)                                # a second layer reporting the same failure
+    failing.on_finish("stop")
+    failing.on_tokens(1)
+    assert [t["status_code"] for n, _, t in sink.records if n == m.HTTP_ERRORS.name] == ["500", "429"]
+    assert len(sink.records) == 6
 
 
 def scrape(port: int) -> dict:

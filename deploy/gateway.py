@@ -4,6 +4,9 @@ is ready once a ModelServer replica runs (deploy/serve_readiness.py).
 """
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import dataclasses
 import logging
 import os
 
@@ -29,10 +32,34 @@ _context: ServingContext | None = None   # handed from Gateway.__init__ to build
 def build_api() -> FastAPI:
     """Serve calls this in the replica right after Gateway.__init__ (the FastAPI factory form of serve.ingress),
     so the app is built inside the replica process and carries that replica's ServingContext."""
-    api = FastAPI(title="epserve", docs_url=None, redoc_url=None, openapi_url=None)
+    api = FastAPI(title="epserve", docs_url=None, redoc_url=None, openapi_url=None, lifespan=_lifespan)
     register_routes(api)
     api.state.ctx = _context
     return api
+
+
+@contextlib.asynccontextmanager
+async def _lifespan(api: FastAPI):
+    task = asyncio.get_running_loop().create_task(learn_engine_limits(api))
+    yield
+    task.cancel()
+
+
+async def learn_engine_limits(api: FastAPI) -> None:
+    """Start the token channel, then ask the ModelServer (once one runs) for the max_model_len its ranks' KV cache
+    allows and serve with it; until then the configured limit (capped by the model) holds, and the engine still
+    refuses what it cannot fit."""
+    ctx: ServingContext = api.state.ctx
+    await ctx.backend.channel()
+    while True:
+        try:
+            info = await ctx.backend.model_info()
+            break
+        except Exception as e:          # noqa: BLE001  no replica yet, or one failed: ask again
+            logger.debug("model info not available yet: %s", e)
+            await asyncio.sleep(1.0)
+    api.state.ctx = dataclasses.replace(ctx, max_model_len=info["max_model_len"])
+    logger.info("gateway: the engine allows max_model_len %d", info["max_model_len"])
 
 
 def api_keys(args: AppArgs) -> frozenset[str]:

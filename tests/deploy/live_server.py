@@ -22,7 +22,8 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def live_server(*args: str, timeout_s: float = 240, log: Path | None = None):
-    """Yield (base URL, Popen) of `epserve serve ARGS --port P` once /v1/models answers 200."""
+    """Yield (base URL, Popen) of `epserve serve ARGS --port P` once /health answers 200 (a ModelServer replica
+    runs)."""
     port = free_port()
     env = dict(os.environ, RAY_AUTH_MODE="disabled")
     env.pop("RAY_ADDRESS", None)
@@ -45,7 +46,7 @@ def wait_serving(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
         if proc.poll() is not None:
             raise RuntimeError(f"epserve serve exited with code {proc.returncode} before serving")
         with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{url}/v1/models", timeout=5).status_code == 200:
+            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
                 return
         time.sleep(0.5)
     raise TimeoutError(f"{url} not serving after {timeout_s:.0f}s")

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, model_validator
+
+from engine.config import DEFAULT_GPU_MEMORY_UTILIZATION, DEFAULT_KV_CACHE_MEMORY
 
 DEMO_MODEL = "demo"  # `model: demo` (the default) serves the bundled demo checkpoint
 
@@ -47,10 +49,16 @@ class AppArgs(BaseModel):
     gateway_replicas: int | None = Field(None, ge=1, description="Gateway (HTTP ingress) replicas; default: one per "
                                          "ModelServer replica (the max when autoscaling)")
     # -- engine --
-    max_model_len: int = Field(4096, ge=2)
+    max_model_len: int | None = Field(None, ge=2, description="prompt + output tokens; default: what the KV cache "
+                                      "holds, capped by the model")
     max_num_seqs: int = Field(64, ge=1)
     max_num_batched_tokens: int = Field(512, ge=1)
-    kv_cache_bytes: int = Field(256 << 20, ge=1)
+    kv_cache_memory: ByteSize = Field(DEFAULT_KV_CACHE_MEMORY, ge=1, description="CPU: KV cache bytes per EP rank, "
+                                      "e.g. 2GiB or 512MiB (default 1GiB)")
+    gpu_memory_utilization: float = Field(DEFAULT_GPU_MEMORY_UTILIZATION, gt=0, le=1, description="CUDA: fraction "
+                                          "of each GPU's memory for weights, activations and KV cache")
+    kv_cache_bytes: ByteSize | None = Field(None, ge=1, description="exact KV cache bytes per EP rank for both pools; "
+                                            "overrides kv_cache_memory and gpu_memory_utilization")
     enable_prefix_caching: bool = False
     # -- gateway --
     max_ongoing_requests: int = Field(64, ge=1, description="requests in flight per replica")

@@ -44,7 +44,7 @@ def run(args) -> None:
     from engine.engine import EngineConfig, LLMEngine
     from engine.sampling_params import SamplingParams
     from model.config import ModelConfig
-    from model.loader import expert_factory, load_model
+    from model.loader import dtype_name, load_model
     tokenizer = Tokenizer.from_model_dir(args.model_dir)
     prompts = _read_prompts(args.prompts, tokenizer)
     try:
@@ -56,15 +56,18 @@ def run(args) -> None:
     for n, p in enumerate(prompts, 1):
         if not all(0 <= t < vocab for t in p):
             raise UserError(f"{args.prompts}: prompt {n} has a token id outside [0, {vocab})")
-    engine_config = EngineConfig(max_num_seqs=args.max_num_seqs)
+    engine_config = _engine_config(args, EngineConfig)
     stop_ids = model_stop_ids(args.model_dir, tokenizer)
+    args.dtype = dtype_name(args.dtype, args.device)              # "auto" resolved once, for both paths
     if args.ep_size:
         engine = _start_ep_group(args, engine_config, stop_ids)
     else:
         dtype = getattr(torch, args.dtype)
-        experts = expert_factory(args.model_dir, dtype, args.device, args.experts)
-        model = load_model(args.model_dir, dtype=dtype, device=args.device, experts=experts)
-        engine = LLMEngine(model, engine_config, eos_token_ids=stop_ids)
+        model = load_model(args.model_dir, dtype=dtype, device=args.device, experts=args.experts)
+        try:
+            engine = LLMEngine(model, engine_config, eos_token_ids=stop_ids)
+        except ValueError as e:                 # the KV cache or max_model_len does not fit: the message says what does
+            raise UserError(str(e)) from None
     ids = [f"p{i}" for i in range(len(prompts))]
     try:
         final = (dict(zip(ids, (outs[0] for outs in engine.generate(prompts, params)))) if args.ep_size
@@ -103,19 +106,40 @@ def _run_local(engine, ids: list[str], prompts: list[list[int]], params) -> dict
     return final
 
 
+def _engine_config(args, engine_config_cls):
+    """EngineConfig from the flags; a bad value is a UserError."""
+    try:
+        return engine_config_cls(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                                 max_model_len=args.max_model_len, kv_cache_bytes=args.kv_cache_bytes,
+                                 kv_cache_memory=args.kv_cache_memory,
+                                 gpu_memory_utilization=args.gpu_memory_utilization)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
 def _start_ep_group(args, engine_config, stop_ids):
-    """A local Ray cluster (loopback, no auth) and one EP group of --ep-size ranks; stopped at exit."""
+    """One EP group of --ep-size ranks on a local Ray cluster (loopback, no auth), or on the cluster at --ray-address
+    / $RAY_ADDRESS, placed PACK or SPREAD; stopped at exit. A rank that cannot start is a one-line error."""
     import atexit
     import os
     import ray
-    from cluster.ep_group import EPConfig, EPGroup
+    from cluster.ep_group import EPConfig, EPGroup, EPStepError
     if args.redundant_experts < 0:
         raise UserError(f"--redundant-experts must be >= 0, got {args.redundant_experts}")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=max(args.ep_size + 1, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False,
-             _node_ip_address="127.0.0.1", configure_logging=False)
-    group = EPGroup(args.model_dir, EPConfig(ep_size=args.ep_size, redundant_experts=args.redundant_experts,
-                                             device=args.device, dtype=args.dtype, experts=args.experts),
-                    engine_config, stop_ids)
+    address = getattr(args, "ray_address", None) or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=False, configure_logging=False)
+    else:
+        ray.init(num_cpus=max(args.ep_size + 1, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False,
+                 _node_ip_address="127.0.0.1", configure_logging=False)
+    try:
+        config = EPConfig(ep_size=args.ep_size, redundant_experts=args.redundant_experts, device=args.device,
+                          dtype=args.dtype, experts=args.experts,
+                          placement_strategy=getattr(args, "placement_strategy", "PACK"))
+        group = EPGroup(args.model_dir, config, engine_config, stop_ids)
+    except (ValueError, EPStepError, RuntimeError) as e:
+        ray.shutdown()
+        raise UserError(str(e)) from None
     atexit.register(lambda: (group.shutdown(), ray.shutdown()))
     return group

@@ -20,35 +20,61 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def _dtype(name: str):
-    import torch
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+def num_bytes(text: str) -> int:
+    """A byte count with an optional unit, as AppArgs parses it (pydantic's ByteSize): 2GiB, 512MiB, 2GB, 1073741824."""
+    from pydantic import TypeAdapter, ByteSize, ValidationError
+    try:
+        value = int(TypeAdapter(ByteSize).validate_python(text))
+    except ValidationError:
+        raise argparse.ArgumentTypeError(
+            f"expected a byte count such as 2GiB, 512MiB or 1073741824, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive byte count, got {text!r}")
+    return value
+
+
+def add_kv_arguments(p: argparse.ArgumentParser) -> None:
+    """The KV-cache and length flags of `epserve generate` (`epserve serve` derives the same ones from AppArgs)."""
+    from engine.config import DEFAULT_GPU_MEMORY_UTILIZATION, DEFAULT_KV_CACHE_MEMORY
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="prompt + output tokens (default: what the KV cache holds, capped by the model)")
+    p.add_argument("--kv-cache-memory", type=num_bytes, default=DEFAULT_KV_CACHE_MEMORY,
+                   help="CPU: KV cache bytes per engine, e.g. 2GiB (default: 1GiB)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=DEFAULT_GPU_MEMORY_UTILIZATION,
+                   help="CUDA: fraction of the GPU's memory for weights, activations and KV cache (default: 0.9)")
+    p.add_argument("--kv-cache-bytes", type=num_bytes, default=None,
+                   help="exact KV cache bytes for both pools; overrides --kv-cache-memory and profiling")
+    p.add_argument("--max-num-batched-tokens", type=int, default=512, help="tokens per engine step")
 
 
 def cmd_make_tiny(args) -> None:
-    from model.tiny import TinySpec, write_tiny
-    spec = TinySpec(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TinySpec)})
-    print(write_tiny(args.out, spec))
+    from model.tiny import TinySpec, tiny_spec, write_tiny
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TinySpec) if getattr(args, f.name) is not None}
+    print(write_tiny(args.out, tiny_spec(args.preset, **given)))
 
 
 def cmd_logits(args) -> None:
     import numpy as np
     import torch
-    from model.loader import load_model
+    from model.loader import dtype_name, load_model
+    from model.packed_experts import PackedMXFP4Experts
     try:
         ids = [int(x) for x in args.ids.split(",") if x.strip()]
     except ValueError:
         raise UserError(f"--ids must be comma-separated integers, got {args.ids!r}") from None
     if not ids:
         raise UserError("--ids is empty")
-    model = load_model(args.model_dir, dtype=_dtype(args.dtype), device=args.device)
+    dtype = getattr(torch, dtype_name(args.dtype, args.device))
+    model = load_model(args.model_dir, dtype=dtype, device=args.device, experts=args.experts)
     vocab = model.config.vocab_size
     bad = [i for i in ids if not 0 <= i < vocab]
     if bad:
         raise UserError(f"token id {bad[0]} is out of range: the model's vocab_size is {vocab}")
     logits = model.prefix_logits(torch.tensor(ids, device=args.device))
     np.save(args.out, logits.cpu().numpy())
-    print(f"{args.out}: float32 logits {list(logits.shape)}")
+    packed = isinstance(model.model.layers[0].mlp.experts, PackedMXFP4Experts)
+    print(f"{args.out}: float32 logits {list(logits.shape)} ({str(dtype).removeprefix('torch.')} weights, "
+          f"{'packed' if packed else 'dense'} experts)")
 
 
 def cmd_generate(args) -> None:
@@ -88,27 +114,44 @@ def cmd_bench_load(args) -> None:
         raise UserError(str(e)) from None
 
 
+def cmd_bench_serve(args) -> None:
+    from bench import serve_bench
+    try:
+        serve_bench.run(args)
+    except ValueError as e:                    # a bad flag value
+        raise UserError(str(e)) from None
+
+
+EXPERTS_HELP = ("auto: MXFP4 experts stay packed (17/32 byte per weight; fused kernel on CUDA, a dequantising loop "
+                "on CPU), bf16 checkpoints dense; dense: expanded to the activation dtype; packed: as stored")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from model.loader import DTYPE_CHOICES, EXPERT_CHOICES
     p = _Parser(prog="epserve", description="Expert-parallel serving of gpt-oss")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     t = sub.add_parser("make-tiny", help="write a tiny random gpt-oss checkpoint in the exact HF + original layout")
     t.add_argument("out")
-    from model.tiny import EXPERTS_FORMATS, TinySpec
+    from model.tiny import EXPERTS_FORMATS, PRESETS, TinySpec
+    t.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="start from a preset (120b-attention: gpt-oss-120b's attention geometry and vocab, small "
+                        "hidden and experts); the flags below override it")
     for field in dataclasses.fields(TinySpec):               # flags map one to one onto TinySpec
-        flag = "--" + field.name.replace("_", "-")
+        flag, default = "--" + field.name.replace("_", "-"), f"default: {field.default}"
         if field.name == "experts_format":
-            t.add_argument(flag, choices=EXPERTS_FORMATS, default=field.default)
+            t.add_argument(flag, choices=EXPERTS_FORMATS, default=None, help=default)
         else:
-            t.add_argument(flag, type=int, default=field.default)
+            t.add_argument(flag, type=int, default=None, help=default)
     t.set_defaults(func=cmd_make_tiny)
 
     g = sub.add_parser("logits", help="full-prefix forward; writes float32 logits [T, vocab] as .npy")
     g.add_argument("model_dir")
     g.add_argument("--ids", required=True, help="comma-separated token ids, e.g. 1,2,3")
     g.add_argument("--out", required=True)
-    g.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    g.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help="auto: bfloat16 on cuda, float32 on cpu")
     g.add_argument("--device", default="cpu")
+    g.add_argument("--experts", choices=EXPERT_CHOICES, default="auto", help=EXPERTS_HELP)
     g.set_defaults(func=cmd_logits)
 
     r = sub.add_parser("generate", help="run JSONL prompts concurrently through the engine")
@@ -118,15 +161,19 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--temperature", type=float, default=1.0)
     r.add_argument("--top-p", type=float, default=1.0)
     r.add_argument("--seed", type=int, default=None)
-    r.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    r.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help="auto: bfloat16 on cuda, float32 on cpu")
     r.add_argument("--device", default="cpu")
     r.add_argument("--max-num-seqs", type=int, default=64)
-    r.add_argument("--experts", choices=("auto", "dense", "packed"), default="auto",
-                   help="packed: MXFP4 experts kept packed (fused kernel on CUDA); auto: packed on CUDA for MXFP4 "
-                        "checkpoints, dense otherwise (EP ranks' slots too)")
+    add_kv_arguments(r)
+    r.add_argument("--experts", choices=EXPERT_CHOICES, default="auto", help=EXPERTS_HELP + " (EP ranks' slots too)")
     r.add_argument("--out", default=None, help="output JSONL (default: stdout), lines in input order")
     r.add_argument("--ep-size", type=int, default=0, help="expert-parallel ranks on a local Ray cluster (0: none)")
     r.add_argument("--redundant-experts", type=int, default=0, help="extra expert slots per layer (with --ep-size)")
+    r.add_argument("--placement-strategy", choices=("PACK", "SPREAD"), default="PACK",
+                   help="with --ep-size: PACK keeps the ranks on one node when they fit, SPREAD puts them on different "
+                        "nodes")
+    r.add_argument("--ray-address", default=None, help="with --ep-size: join this Ray cluster (host:port; default: "
+                   "$RAY_ADDRESS, else a local one)")
     r.set_defaults(func=cmd_generate)
 
     d = sub.add_parser("train-demo", help="train the demo checkpoint on CPU (minutes) and write it in the HF layout")
@@ -158,6 +205,21 @@ def build_parser() -> argparse.ArgumentParser:
     en = bench.add_parser("engine", help="decode tokens/s vs transformers, and batch-1 vs the bandwidth roofline")
     en.add_argument("--quick", action="store_true", help="smaller runs (about a minute)")
     en.set_defaults(func=cmd_bench_engine)
+    sv = bench.add_parser("serve", help="`epserve serve` over HTTP vs the engine in process: tokens/s, TTFT/ITL, "
+                                        "CPU per 1k tokens per server process")
+    sv.add_argument("model_dir", nargs="?", default="demo", help="checkpoint directory (default: the demo model)")
+    sv.add_argument("--requests", type=int, default=None, help="concurrent greedy requests per path (default 64)")
+    sv.add_argument("--max-tokens", type=int, default=None, help="tokens per request, EOS ignored (default 256)")
+    sv.add_argument("--quick", action="store_true", help="16 x 64 tokens, one round, unless flags say otherwise")
+    sv.add_argument("--repeats", type=int, default=None, help="rounds of all paths; the fastest is kept (default 3)")
+    sv.add_argument("--ep-size", type=int, default=1)
+    sv.add_argument("--replicas", type=int, default=1)
+    sv.add_argument("--gateway-replicas", type=int, default=None, help="passed to `epserve serve` only when given")
+    sv.add_argument("--max-num-seqs", type=int, default=None, help="server and in-process engine (default: serve's)")
+    sv.add_argument("--serve-arg", action="append", default=[], help="any other `epserve serve` flag, verbatim "
+                    "(repeatable), e.g. --serve-arg=--max-num-batched-tokens=1024")
+    sv.add_argument("--out", default="bench-serve", help="directory for summary.json, serve_bench.png, serve.log")
+    sv.set_defaults(func=cmd_bench_serve)
     return p
 
 

@@ -26,13 +26,16 @@ logger = logging.getLogger(__name__)
 
 
 def engine_config(args: AppArgs) -> EngineConfig:
+    """Each rank's engine sizes its own KV cache from these (engine/kv_budget.py)."""
     return EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                        max_model_len=args.max_model_len, kv_cache_bytes=args.kv_cache_bytes,
-                        enable_prefix_caching=args.enable_prefix_caching)
+                        max_model_len=args.max_model_len, enable_prefix_caching=args.enable_prefix_caching,
+                        kv_cache_bytes=None if args.kv_cache_bytes is None else int(args.kv_cache_bytes),
+                        kv_cache_memory=int(args.kv_cache_memory), gpu_memory_utilization=args.gpu_memory_utilization)
 
 
 def ep_config(args: AppArgs) -> EPConfig:
-    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if args.device == "cuda" else "float32")
+    from model.loader import dtype_name
+    dtype = dtype_name(args.dtype, args.device)
     return EPConfig(ep_size=args.ep_size, redundant_experts=args.redundant_experts,
                     placement_strategy=args.placement_strategy, device=args.device, dtype=dtype,
                     collective_timeout_s=args.collective_timeout_s,

@@ -13,6 +13,13 @@ FULL = "full"
 SLIDING = "sliding"
 # Block-table entry of a sliding block recycled after leaving the window; keeps tables indexed by position.
 NULL_BLOCK = -1
+# KV memory when nothing is given (engine/kv_budget.py turns it into pools). On CPU, bytes per engine (per EP rank),
+# committed at start: 1 GiB holds the 120b attention geometry's sliding pool (0.68 GiB in fp32 for 64 sequences)
+# plus ~4.7K full-attention tokens, and the demo model 131072 tokens 16 times over, while a two-rank replica still
+# leaves ~90% of a 24 GiB machine. On CUDA, the fraction of the GPU's total memory for weights, activations and the
+# KV cache together, as in vLLM.
+DEFAULT_KV_CACHE_MEMORY = 1 << 30
+DEFAULT_GPU_MEMORY_UTILIZATION = 0.9
 
 
 def max_blocks_spanned(num_positions: int, block_size: int) -> int:
@@ -96,3 +103,36 @@ class SchedulerConfig:
     def max_chunk_tokens(self) -> int:
         """Most tokens one sequence can be scheduled in one step."""
         return min(self.max_num_batched_tokens, self.max_model_len)
+
+
+@dataclass(frozen=True, kw_only=True)
+class EngineConfig:
+    """Knobs of one replica (one LLMEngine); the scheduler and cache configs are derived from these and the model.
+
+    KV memory, first match wins: `kv_cache_bytes` (exact bytes for both pools), else on CUDA `gpu_memory_utilization`
+    (profiled at start: the KV cache gets what the fraction leaves after weights and a peak step), else on CPU
+    `kv_cache_memory`. engine/kv_budget.py turns the bytes into pools and the effective max_model_len.
+    """
+    max_num_seqs: int = 64                  # concurrent sequences (the decode batch)
+    max_num_batched_tokens: int = 512       # tokens per step: decodes + prefill chunks
+    max_model_len: int | None = None        # prompt + output; None: what the KV cache holds, capped by the model
+    block_size: int = 16
+    kv_cache_bytes: int | None = None       # exact KV bytes for both pools; overrides the two below
+    kv_cache_memory: int = DEFAULT_KV_CACHE_MEMORY                     # CPU: KV bytes of this engine
+    gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION    # CUDA: fraction of total GPU memory
+    enable_prefix_caching: bool = False
+    enable_chunked_prefill: bool = True
+    seed: int | None = None                 # seeds the shared generator of unseeded requests
+    cuda_graphs: bool = True                # decode steps as CUDA graphs (CUDA only; off for expert parallelism)
+
+    def __post_init__(self) -> None:
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be at least 2 (one prompt and one output token) or None (what "
+                             f"fits), got {self.max_model_len}")
+        if self.kv_cache_bytes is not None and self.kv_cache_bytes < 1:
+            raise ValueError(f"kv_cache_bytes must be a positive number of bytes or None, got {self.kv_cache_bytes}")
+        if self.kv_cache_memory < 1:
+            raise ValueError(f"kv_cache_memory must be a positive number of bytes, got {self.kv_cache_memory}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization is a fraction of the GPU's memory in (0, 1], "
+                             f"got {self.gpu_memory_utilization}")

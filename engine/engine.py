@@ -11,9 +11,12 @@ import itertools
 import logging
 from collections.abc import AsyncIterator, Callable, Iterable
 
+import torch
+
 from engine.block_manager import BlockManager
-from engine.config import SchedulerConfig
-from engine.model_runner import ModelRunner, plan_cache
+from engine.config import EngineConfig, SchedulerConfig
+from engine.kv_budget import gib, plan_kv_budget, profile_cuda_kv_bytes
+from engine.model_runner import ModelRunner, profile_forward
 from engine.sampler import Sampler
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
@@ -25,41 +28,48 @@ from model.transformer import GptOssForCausalLM
 logger = logging.getLogger(__name__)
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class EngineConfig:
-    """Knobs of one replica; the scheduler and cache configs are derived from these and the model."""
-    max_num_seqs: int = 64                  # concurrent sequences (the decode batch)
-    max_num_batched_tokens: int = 512       # tokens per step: decodes + prefill chunks
-    max_model_len: int = 4096               # prompt + output; capped by the model's max_position_embeddings
-    block_size: int = 16
-    kv_cache_bytes: int = 64 << 20          # KV memory for both pools (profiling GPU memory comes later)
-    enable_prefix_caching: bool = False
-    enable_chunked_prefill: bool = True
-    seed: int | None = None                 # seeds the shared generator of unseeded requests
-    cuda_graphs: bool = True                # decode steps as CUDA graphs (CUDA only; off for expert parallelism)
-
-
 class LLMEngine:
     def __init__(self, model: GptOssForCausalLM, config: EngineConfig = EngineConfig(),
                  eos_token_ids: Iterable[int] = (), detokenize: Callable[[list[int]], str] | None = None):
+        """Sizes the KV cache (engine/kv_budget.py; profiles one peak step on CUDA) and allocates it. Raises
+        ValueError when the budget cannot hold it or an explicit max_model_len does not fit (naming what would)."""
         self.model = model
         self.config = config
         device = next(model.parameters()).device
-        max_model_len = min(config.max_model_len, model.config.max_position_embeddings)
-        sched = SchedulerConfig(max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
-                                enable_chunked_prefill=config.enable_chunked_prefill, max_model_len=max_model_len)
-        cache = plan_cache(model.config, config.kv_cache_bytes, config.block_size, config.max_num_seqs,
-                           sched.max_chunk_tokens, model.dtype, config.enable_prefix_caching)
-        self.block_manager = BlockManager(cache)
-        self.scheduler = Scheduler(sched, self.block_manager, StopChecker(max_model_len, eos_token_ids, detokenize))
-        self.runner = ModelRunner(model, cache, device, config.max_num_seqs, max_model_len, config.cuda_graphs)
         self.sampler = Sampler(config.seed)
+        budget = plan_kv_budget(model.config, model.dtype, config, *self._kv_bytes(device))
+        self.max_model_len = budget.max_model_len      # effective prompt + output limit (servers read it)
+        sched = SchedulerConfig(max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
+                                enable_chunked_prefill=config.enable_chunked_prefill, max_model_len=self.max_model_len)
+        self.kv_budget = budget
+        self.block_manager = BlockManager(budget.cache)
+        self.scheduler = Scheduler(sched, self.block_manager,
+                                   StopChecker(self.max_model_len, eos_token_ids, detokenize))
+        self.runner = ModelRunner(model, budget.cache, device, config.max_num_seqs, self.max_model_len,
+                                  config.cuda_graphs)
         self._seq_ids = itertools.count()
         self._index: dict[int, int] = {}                       # seq_id -> index within its request
         self._streams: dict[str, asyncio.Queue] = {}
         self._loop_task: asyncio.Task | None = None
-        logger.info("KV cache: %d full + %d sliding blocks of %d tokens", cache.num_full_blocks,
-                    cache.num_sliding_blocks, cache.block_size)
+        logger.info("%s", budget.describe())
+
+    def _kv_bytes(self, device: torch.device) -> tuple[int, str]:
+        """KV bytes and what set them: kv_cache_bytes, else a CUDA memory profile, else kv_cache_memory (CPU)."""
+        c = self.config
+        if c.kv_cache_bytes is not None:
+            return c.kv_cache_bytes, f"kv_cache_bytes={gib(c.kv_cache_bytes)}"
+        if device.type != "cuda":
+            return c.kv_cache_memory, f"kv_cache_memory={gib(c.kv_cache_memory)}"
+        return profile_cuda_kv_bytes(device, c.gpu_memory_utilization, lambda: self._peak_step(device))
+
+    def _peak_step(self, device: torch.device) -> None:
+        """The largest step a config allows: max_num_batched_tokens through the model, max_num_seqs rows sampled with
+        top-p (its sort over [rows, V] is the sampler's peak). A throwaway sampler keeps the seeded stream intact."""
+        c = self.config
+        tokens = min(c.max_num_batched_tokens, c.max_model_len or self.model.config.max_position_embeddings)
+        rows = min(c.max_num_seqs, tokens)
+        logits = profile_forward(self.model, device, tokens, rows, c.block_size)
+        Sampler(0)(logits, [SamplingParams(top_p=0.9, logprobs=1)] * rows, [0] * rows)
 
     # ---- requests ----
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:

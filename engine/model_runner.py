@@ -10,11 +10,11 @@ import logging
 import torch
 
 from engine import config as engine_config
-from engine.config import CacheConfig, max_blocks_spanned
+from engine.config import CacheConfig
 from engine.decode_graphs import DecodeGraphs
+from engine.kv_budget import plan_cache  # noqa: F401  (bench/ and tests import it from here)
 from engine.scheduled_batch import ScheduledBatch
 from model import paged_attention
-from model.config import ModelConfig
 from model.decode_metadata import DecodeMetadata
 from model.paged_attention import PagedKVCache, PagedMetadata, SeqSpan
 from model.transformer import GptOssForCausalLM
@@ -24,25 +24,18 @@ logger = logging.getLogger(__name__)
 assert (engine_config.FULL, engine_config.SLIDING) == (paged_attention.FULL, paged_attention.SLIDING)
 
 
-def plan_cache(config: ModelConfig, kv_cache_bytes: int, block_size: int, max_num_seqs: int,
-               max_chunk_tokens: int, dtype: torch.dtype, enable_prefix_caching: bool = False) -> CacheConfig:
-    """Split a KV memory budget into the two pools: the sliding pool gets what the window can need (every
-    running sequence's last W positions plus one chunk with the W-1 keys before it), the full pool the rest."""
-    has_sliding = any(config.is_sliding(i) for i in range(config.num_hidden_layers))
-    sliding = 0
-    if has_sliding:
-        W = config.sliding_window
-        sliding = (max_num_seqs * max_blocks_spanned(W, block_size)
-                   + max_blocks_spanned(W - 1 + max_chunk_tokens, block_size))
-    left = kv_cache_bytes - sliding * PagedKVCache.bytes_per_block(config, block_size, dtype, paged_attention.SLIDING)
-    per_full = PagedKVCache.bytes_per_block(config, block_size, dtype, paged_attention.FULL)
-    num_full = left // per_full if per_full else max_num_seqs
-    if num_full < 1:
-        raise ValueError(f"kv_cache_bytes={kv_cache_bytes} cannot hold the sliding-window pool "
-                         f"({sliding} blocks) and any full-attention block; give the KV cache more memory")
-    return CacheConfig(num_full_blocks=int(num_full), num_sliding_blocks=sliding, block_size=block_size,
-                       sliding_window=config.sliding_window if has_sliding else None,
-                       enable_prefix_caching=enable_prefix_caching)
+@torch.no_grad()
+def profile_forward(model: GptOssForCausalLM, device: torch.device, num_tokens: int, num_rows: int,
+                    block_size: int) -> torch.Tensor:
+    """The largest step's forward, for memory profiling: one sequence of `num_tokens` tokens from position 0 through a
+    throwaway cache, then the logits of `num_rows` rows ([num_rows, V] fp32, returned for the sampler's share)."""
+    cfg, n = model.config, -(-num_tokens // block_size)
+    groups = {paged_attention.SLIDING if cfg.is_sliding(i) else paged_attention.FULL
+              for i in range(cfg.num_hidden_layers)}
+    cache = PagedKVCache(cfg, {g: n for g in groups}, block_size, model.dtype, device)
+    metadata = PagedMetadata(cache, [SeqSpan(0, num_tokens, {g: list(range(n)) for g in groups})], device)
+    hidden = model(torch.zeros(num_tokens, dtype=torch.long, device=device), metadata.positions, metadata)  # [T, H]
+    return model.compute_logits(hidden[:num_rows])                                                  # [R, V]
 
 
 class ModelRunner:

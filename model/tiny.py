@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 from model import mxfp4
 from model.errors import UserError
-from model.tiny_tokenizer import MIN_VOCAB, write_tokenizer_files
+from model.tiny_tokenizer import MIN_VOCAB, load_trained, write_tokenizer_files
 
 # Shape legend: V=vocab H=hidden nH=heads nKV=kv heads D=head_dim E=experts I=intermediate G=in/32 blocks
 EXPERTS_FORMATS = ("mxfp4", "bf16")
@@ -91,6 +91,20 @@ class TinySpec:
         return ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(self.layers)]
 
 
+# gpt-oss-120b's attention and vocabulary (spec §1: 36 layers alternating window-128 / full, 64 query and 8 KV heads
+# of 64, vocab 201088; YaRN 4096 -> 131072 as every tiny config) with small hidden and expert sizes: real-sized KV
+# cache, window and logits, a forward cheap on CPU, ~100 MB on disk (the two [201088, 64] bf16 matrices, twice).
+PRESETS = {"120b-attention": dict(layers=36, heads=64, kv_heads=8, head_dim=64, sliding_window=128, vocab=201088,
+                                  hidden=64, intermediate=64, experts=8, top_k=4, shards=3)}
+
+
+def tiny_spec(preset: str | None = None, **fields) -> TinySpec:
+    """TinySpec from a preset's values (`PRESETS`), then `fields` on top."""
+    if preset is not None and preset not in PRESETS:
+        raise UserError(f"preset {preset!r} is unknown; choose one of {', '.join(PRESETS)}")
+    return TinySpec(**{**PRESETS.get(preset, {}), **fields})
+
+
 def _generator(seed: int, name: str) -> torch.Generator:
     """One stream per tensor: a tensor's values depend only on (seed, name), not on the other tensors.
     torch's CPU generator (mt19937) keeps only 32 bits of its seed, so (seed, name) is hashed to 32 bits."""
@@ -147,7 +161,10 @@ def hf_mxfp4_tensors(spec: TinySpec) -> dict[str, torch.Tensor]:
     for n in range(spec.layers):
         tensors.update(_layer(spec, n))
     tensors["model.norm.weight"] = _normal(s, "model.norm.weight", (H,), 0.1, 1.0)
-    tensors["lm_head.weight"] = _normal(s, "lm_head.weight", (V, H), H ** -0.5)                     # [V, H]
+    tensors["lm_head.weight"] = lm_head = _normal(s, "lm_head.weight", (V, H), H ** -0.5)           # [V, H]
+    # Ids the trained tokenizer leaves undefined (a real-sized vocab over the small BPE) get zero rows, so greedy
+    # decoding picks ids that have text, as a trained model never predicts reserved ids.
+    lm_head[load_trained(V).get_vocab_size():] = 0
     return tensors
 
 

@@ -35,7 +35,7 @@ def test_outputs_in_input_order_equal_the_engine(tiny, tmp_path):
     ids = [prompts[0]["prompt_ids"], tok.encode(prompts[1]["prompt"]), prompts[2]["prompt_ids"]]
     assert tok.encode(prompts[1]["prompt"])[0] == tok.token_id("<|start|>")         # specials are single ids
     stop = set(tok.harmony_stop_ids())
-    engine = LLMEngine(load_model(tiny), EngineConfig(), eos_token_ids=stop)
+    engine = LLMEngine(load_model(tiny), EngineConfig(max_model_len=4096), eos_token_ids=stop)
     for line, p in zip(lines, ids):
         ref = engine.generate([p], SamplingParams(temperature=0.0, max_tokens=5))[0][0]
         assert line["output_ids"] == ref.output_token_ids
@@ -90,3 +90,31 @@ def test_packed_experts_need_an_mxfp4_checkpoint(tmp_path):
     (tmp_path / "p.jsonl").write_text('{"prompt_ids": [1, 2]}\n')
     r = epserve("generate", bf16, "--prompts", tmp_path / "p.jsonl", "--experts", "packed")
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "MXFP4" in r.stderr, r.stderr
+
+
+def one_line_error(r, *needles):
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_kv_flags_reach_the_engine(tiny, tmp_path):
+    (tmp_path / "p.jsonl").write_text('{"prompt_ids": [1, 2, 3]}\n')
+    r = epserve("generate", tiny, "--prompts", tmp_path / "p.jsonl", "--kv-cache-memory", "8MiB", "--max-model-len",
+                300, "--max-tokens", 2)
+    assert r.returncode == 0, r.stderr
+    assert "max_model_len 300," in r.stderr and "kv_cache_memory=8.0 MiB" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("flags, needles", [
+    (("--kv-cache-memory", "1MiB", "--max-model-len", 100000), ("max_model_len=100000 does not fit",
+                                                               "largest max_model_len that fits is 1504;")),
+    (("--kv-cache-memory", "40KiB"), ("cannot hold the sliding-window pool", "lower max_num_seqs")),
+    (("--kv-cache-memory", "lots"), ("--kv-cache-memory", "2GiB, 512MiB")),
+    (("--gpu-memory-utilization", 1.5), ("gpu_memory_utilization is a fraction",)),
+])
+def test_kv_that_does_not_fit_is_one_line_and_exit_2(tiny, tmp_path, flags, needles):
+    """The engine's ValueError at start (the KV budget or max_model_len) is a user error, not a traceback."""
+    (tmp_path / "p.jsonl").write_text('{"prompt_ids": [1, 2, 3]}\n')
+    one_line_error(epserve("generate", tiny, "--prompts", tmp_path / "p.jsonl", *flags), *needles)

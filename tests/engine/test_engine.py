@@ -85,15 +85,16 @@ def test_random_add_abort_stress_frees_every_block(tiny_model):
 
 def test_seeded_sampling_does_not_depend_on_the_batch(tiny_model, ragged_prompts):
     params = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=5, seed=42, ignore_eos=True)
-    alone = LLMEngine(tiny_model, EngineConfig(block_size=4)).generate([ragged_prompts[10]], params)[0][0]
-    crowd = LLMEngine(tiny_model, EngineConfig(block_size=4)).generate(
+    config = EngineConfig(block_size=4, max_model_len=4096)
+    alone = LLMEngine(tiny_model, config).generate([ragged_prompts[10]], params)[0][0]
+    crowd = LLMEngine(tiny_model, config).generate(
         ragged_prompts[5:15], [SamplingParams(temperature=0.7, max_tokens=5)] * 5 + [params]
         + [SamplingParams(temperature=1.3, max_tokens=5)] * 4)[5][0]
     assert alone.output_token_ids == crowd.output_token_ids
 
 
 def test_n_completions_and_logprobs(tiny_model, ragged_prompts):
-    engine = LLMEngine(tiny_model, EngineConfig(block_size=4))
+    engine = LLMEngine(tiny_model, EngineConfig(block_size=4, max_model_len=4096))
     outs = engine.generate([ragged_prompts[3]], SamplingParams(max_tokens=4, n=3, seed=1, logprobs=2,
                                                                 ignore_eos=True))[0]
     assert [o.index for o in outs] == [0, 1, 2]
@@ -101,7 +102,7 @@ def test_n_completions_and_logprobs(tiny_model, ragged_prompts):
 
 
 def test_stream_and_disconnect_abort(tiny_model, ragged_prompts):
-    engine = LLMEngine(tiny_model, EngineConfig(block_size=4))
+    engine = LLMEngine(tiny_model, EngineConfig(block_size=4, max_model_len=4096))
 
     async def main():
         got = [o.new_token_ids[0] async for o in engine.stream("a", ragged_prompts[20], greedy())]

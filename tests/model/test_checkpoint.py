@@ -43,12 +43,13 @@ def test_expert_range_yields_exactly_those_experts(tiny_dirs):
     assert set(part) == {"gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias"}
     for key, t in part.items():
         assert t.shape[0] == 3 and torch.equal(t, whole[key][2:5]), key
-    model = load_model(path, expert_range=(2, 5))
+    model = load_model(path, expert_range=(2, 5), experts="dense")
     experts = model.model.layers[1].mlp.experts
     assert experts.first_expert == 2 and experts.num_experts == 3
     assert torch.equal(experts.down_proj, whole["down_proj"][2:5])
     n_params = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
-    full_params = sum(p.numel() for n, p in load_model(path).named_parameters() if ".experts." in n)
+    full_params = sum(p.numel() for n, p in load_model(path, experts="dense").named_parameters()
+                      if ".experts." in n)
     assert n_params * 6 == full_params * 3
 
 

@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from model.loader import load_model
+from model.loader import dtype_name, load_model
+from model.moe import LocalExperts
+from model.packed_experts import PackedMXFP4Experts
 
 
 def epserve(*args, cwd=None):
@@ -30,13 +32,34 @@ def test_make_tiny_flags_reach_the_config(tiny):
 
 
 def test_logits_writes_the_full_prefix_forward(tiny, tmp_path):
+    """Defaults on CPU: float32 and the MXFP4 experts kept packed; the dense experts give the same logits."""
     out = tmp_path / "l.npy"
     r = epserve("logits", tiny, "--ids", "1,2,3,500", "--out", out)
     assert r.returncode == 0, r.stderr
+    assert "(float32 weights, packed experts)" in r.stdout, r.stdout
     logits = np.load(out)
     assert logits.dtype == np.float32 and logits.shape == (4, 1000)
-    ref = load_model(tiny).prefix_logits(torch.tensor([1, 2, 3, 500]))
-    assert np.array_equal(logits, ref.numpy())
+    ids = torch.tensor([1, 2, 3, 500])
+    assert np.array_equal(logits, load_model(tiny).prefix_logits(ids).numpy())
+    dense = load_model(tiny, experts="dense").prefix_logits(ids).numpy()
+    assert np.abs(logits - dense).max() < 1e-5                # the same weights; fp32 rounding of another matmul order
+    r = epserve("logits", tiny, "--ids", "1,2,3,500", "--out", tmp_path / "d.npy", "--experts", "dense")
+    assert "(float32 weights, dense experts)" in r.stdout and np.array_equal(np.load(tmp_path / "d.npy"), dense)
+
+
+def test_load_model_keeps_mxfp4_experts_packed_unless_dense_is_asked(tiny):
+    packed, dense = load_model(tiny), load_model(tiny, experts="dense")
+    assert all(isinstance(layer.mlp.experts, PackedMXFP4Experts) for layer in packed.model.layers)
+    assert not any(".experts." in name for name, _ in packed.named_parameters())    # no dense expert weights built
+    assert all(isinstance(layer.mlp.experts, LocalExperts) for layer in dense.model.layers)
+    ranged = load_model(tiny, expert_range=(1, 3))
+    assert (ranged.model.layers[1].mlp.experts.first_expert, ranged.model.layers[1].mlp.experts.num_experts) == (1, 2)
+
+
+def test_dtype_auto_is_float32_on_cpu_and_bfloat16_on_cuda():
+    assert (dtype_name("auto", "cpu"), dtype_name("auto", "cuda"), dtype_name("auto", "cuda:1")) == (
+        "float32", "bfloat16", "bfloat16")
+    assert dtype_name("float32", "cuda") == "float32"
 
 
 def test_logits_needs_no_tokenizer(tiny, tmp_path):
@@ -99,3 +122,28 @@ def test_missing_model_dir(tmp_path):
 
 def test_make_tiny_rejects_bad_spec(tmp_path):
     assert_user_error(epserve("make-tiny", tmp_path / "t", "--hidden", 48), "hidden")
+
+
+# gpt-oss-120b's attention geometry, from its config.json (gpt-oss-spec.md §1.1), written out independently.
+GPT_OSS_120B_ATTENTION = {
+    "num_hidden_layers": 36, "num_attention_heads": 64, "num_key_value_heads": 8, "head_dim": 64,
+    "sliding_window": 128, "vocab_size": 201088, "max_position_embeddings": 131072, "rope_theta": 150000,
+    "rope_scaling": {"beta_fast": 32.0, "beta_slow": 1.0, "factor": 32.0, "original_max_position_embeddings": 4096,
+                     "rope_type": "yarn", "truncate": False},
+    "layer_types": ["sliding_attention", "full_attention"] * 18,
+}
+
+
+def test_make_tiny_preset_has_120b_attention_geometry_and_stays_small(tmp_path):
+    out = tmp_path / "t120"
+    r = epserve("make-tiny", out, "--preset", "120b-attention", "--experts", 4, "--top-k", 2, "--shards", 1)
+    assert r.returncode == 0, r.stderr
+    config = json.loads((out / "config.json").read_text())
+    assert {k: config[k] for k in GPT_OSS_120B_ATTENTION} == GPT_OSS_120B_ATTENTION
+    assert (config["num_local_experts"], config["num_experts_per_tok"]) == (4, 2)        # flags override the preset
+    assert config["hidden_size"] <= 128 and config["intermediate_size"] <= 128
+    original = json.loads((out / "original" / "config.json").read_text())
+    assert (original["num_hidden_layers"], original["num_key_value_heads"], original["sliding_window"],
+            original["vocab_size"], original["initial_context_length"]) == (36, 8, 128, 201088, 4096)
+    on_disk = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    assert on_disk < 250 << 20, on_disk                       # the two [201088, 64] matrices, in both layouts

@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer
 
 from model import mxfp4
-from model.tiny import TinySpec, write_tiny
+from model.errors import UserError
+from model.tiny import PRESETS, TinySpec, tiny_spec, write_tiny
 from model.tiny_tokenizer import SPECIAL_TOKENS
 
 REPO = Path(__file__).resolve().parents[2]
@@ -323,3 +324,14 @@ def test_tokenizer_training_is_deterministic_across_processes(dirs):
 def test_invalid_specs_are_rejected_with_actionable_messages(kwargs, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("*", r"\*")):
         TinySpec(**kwargs)
+
+
+def test_presets_set_fields_that_flags_override():
+    spec = tiny_spec("120b-attention", experts=4, seed=3)
+    assert (spec.layers, spec.heads, spec.kv_heads, spec.head_dim, spec.sliding_window, spec.vocab) == (
+        36, 64, 8, 64, 128, 201088)
+    assert (spec.experts, spec.seed, spec.hidden) == (4, 3, PRESETS["120b-attention"]["hidden"])
+    assert spec.layer_types[:3] == ["sliding_attention", "full_attention", "sliding_attention"]
+    assert tiny_spec(None, layers=3) == TinySpec(layers=3)
+    with pytest.raises(UserError, match="preset '120b' is unknown; choose one of 120b-attention"):
+        tiny_spec("120b")

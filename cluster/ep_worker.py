@@ -47,6 +47,17 @@ class StepResult:
     rejected: list[tuple[str, str]] = dataclasses.field(default_factory=list)   # (request id, why) never queued
 
 
+def node_address() -> str:
+    """The address this process's Ray node registered with (`ray start --node-ip-address`), which its peers can
+    reach; not the host's first interface, which is what a bare lookup finds."""
+    import ray
+    node_id = ray.get_runtime_context().get_node_id()
+    for node in ray.nodes():
+        if node["NodeID"] == node_id:
+            return node["NodeManagerAddress"]
+    return ray.util.get_node_ip_address()
+
+
 def model_detokenizer(model_dir: str):
     """decode(ids) of the model directory's tokenizer.json (special tokens kept, as the gateway decodes), for stop
     strings on the rank; None when the directory has no tokenizer."""
@@ -75,8 +86,7 @@ class EPWorker:
 
     def rendezvous_address(self) -> tuple[str, int]:
         """Rank 0's node address and a free port on it: the group's rendezvous (never an assumed localhost)."""
-        import ray
-        host = ray.util.get_node_ip_address()
+        host = node_address()
         return host, free_port(host)
 
     def setup(self, master_addr: str, master_port: int, placement, timeout_s: float) -> dict:
@@ -105,9 +115,8 @@ class EPWorker:
         self.loop = RankLoop(self.rank, self.ep_size, self._apply, self.engine.has_unfinished, self.step_once,
                              self._apply_placement, control_group(backend, timeout_s) if not self.single else None)
         self.loop.start()
-        import ray
         max_len = getattr(self.engine, "max_model_len", None) or self.engine.scheduler.config.max_model_len
-        return {"max_model_len": max_len, "node": ray.util.get_node_ip_address()}
+        return {"max_model_len": max_len, "node": node_address()}
 
     @property
     def single(self) -> bool:

@@ -15,14 +15,11 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from cluster.ep_group import EPGroup
+from cluster.replica_unhealthy import ReplicaUnhealthy
 from engine.generate_request import GenerateRequest
 from engine.token_output import TokenOutput
 
 logger = logging.getLogger(__name__)
-
-
-class ReplicaUnhealthy(RuntimeError):
-    """The EP group failed; Serve restarts the replica, other replicas keep serving."""
 
 
 @dataclass

@@ -92,7 +92,7 @@ class ServeBackend:
         from ray.exceptions import RayTaskError
         from ray.serve.exceptions import BackPressureError
 
-        from cluster.replica import ReplicaUnhealthy
+        from cluster.replica_unhealthy import ReplicaUnhealthy
         try:
             await self.handle.generate_to.remote(request, reply_to)
         except BackPressureError:

@@ -65,18 +65,17 @@ class ServeBackend:
         channel = await self.channel()
         mailbox = channel.open(request.request_id)
         call = asyncio.ensure_future(self._call(request, channel.address))
+        call.add_done_callback(lambda _: mailbox.wake())       # one await per chunk: the mailbox, nothing else
         remaining = request.params.n
         try:
             while remaining:
-                take = asyncio.ensure_future(mailbox.take())
-                await asyncio.wait({take, call}, return_when=asyncio.FIRST_COMPLETED)
-                if not take.done():
-                    take.cancel()
+                if call.done():
                     call.result()                          # raises what ended the request (400 / 429 / 503)
                     # Finished: its last outputs were sent before the call returned; they are on their way.
-                    take = asyncio.ensure_future(mailbox.take())
-                    await asyncio.wait_for(take, FINAL_OUTPUTS_GRACE_S)
-                for out in coalesce(take.result()):
+                    outputs = await asyncio.wait_for(mailbox.take(), FINAL_OUTPUTS_GRACE_S)
+                else:
+                    outputs = await mailbox.take()
+                for out in coalesce(outputs):
                     remaining -= out.finished
                     yield out
         except asyncio.TimeoutError:

@@ -36,6 +36,10 @@ class Mailbox:
         self._items.append(item)
         self._ready.set()
 
+    def wake(self) -> None:
+        """Make the pending `take` return (with whatever is there, possibly nothing): its call ended."""
+        self._ready.set()
+
     async def take(self) -> list[TokenOutput]:
         await self._ready.wait()
         self._ready.clear()

@@ -44,6 +44,8 @@ def register_routes(api: FastAPI) -> None:
     api.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"])
     api.add_api_route("/v1/completions", completions, methods=["POST"])
     api.add_api_route("/v1/responses", responses, methods=["POST"])
+    from deploy.tokenize_routes import register_tokenize_routes      # it imports this module's helpers
+    register_tokenize_routes(api)
     api.add_exception_handler(HTTPException, _http_exception)
     api.add_exception_handler(RequestValidationError, _request_validation_error)
     api.add_exception_handler(APIError, _api_error)

@@ -36,6 +36,11 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
+    @property
+    def vocab_size(self) -> int:
+        """Ids this tokenizer can decode (added special tokens included); a model's vocab may be padded beyond."""
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
     def token_id(self, name: str) -> int:
         token_id = self._tok.token_to_id(name)
         if token_id is None:

@@ -273,3 +273,23 @@ def test_real_client_disconnect_frees_the_engine(tiny_dir, tiny_model, tok):
         while not aborted or engine.has_unfinished() or not kv_blocks_all_free(engine):
             assert time.monotonic() < deadline, "the request kept running after the client left"
             time.sleep(0.05)
+
+
+def test_tokenize_detokenize_and_version(fake, tok):
+    """vLLM's shapes: /tokenize of chat messages gives exactly the ids a chat request feeds the backend (with and
+    without the generation prompt), of a prompt its encoding; /detokenize inverts it; bad ids and models are 400/404."""
+    client, backend = fake()
+    assert client.post(CHAT, json=OK_CHAT).status_code == 200
+    fed = backend.requests[-1].prompt_token_ids
+    r = client.post("/tokenize", json={"model": MODEL, "messages": USER, "return_token_strs": True}).json()
+    assert r["tokens"] == fed and r["count"] == len(fed) and r["max_model_len"] == MAX_MODEL_LEN
+    assert "".join(r["token_strs"]) == tok.decode(fed)
+    bare = client.post("/tokenize", json={"messages": USER, "add_generation_prompt": False}).json()["tokens"]
+    assert fed[:len(bare)] == bare and tok.decode(fed[len(bare):]) == "<|start|>assistant"
+    ids = client.post("/tokenize", json={"prompt": "What is 2 + 3?"}).json()["tokens"]
+    assert ids == tok.encode("What is 2 + 3?")
+    assert client.post("/detokenize", json={"tokens": ids}).json() == {"prompt": "What is 2 + 3?"}
+    assert_error(client.post("/detokenize", json={"tokens": [10 ** 9]}), 400, "out of range", param="tokens")
+    assert_error(client.post("/tokenize", json={"model": "gpt-4", "prompt": "x"}), 404)
+    assert_error(client.post("/tokenize", json={"prompt": 3}), 400)
+    assert client.get("/version").json()["version"] == __import__("importlib.metadata").metadata.version("epserve")

@@ -156,3 +156,18 @@ def test_streams_cancelled_under_load_free_every_rank_s_kv_blocks(server):
     assert len(usage) == ep_size and all(v == 0 for v in usage.values()), usage
     assert openai.OpenAI(base_url=f"{url}/v1", api_key="none").completions.create(     # and it still serves
         model=None, prompt="2 + 3", max_tokens=4).usage.completion_tokens == 4
+
+
+def test_tokenize_counts_what_chat_bills_and_detokenize_inverts_it(server):
+    url = server[0]
+    messages = [{"role": "user", "content": QUESTION}]
+    usage = openai.OpenAI(base_url=f"{url}/v1", api_key="none").chat.completions.create(
+        model=None, messages=messages, temperature=0, max_tokens=4).usage
+    tokenized = httpx.post(f"{url}/tokenize", json={"messages": messages}).json()
+    assert tokenized["count"] == usage.prompt_tokens == len(tokenized["tokens"])
+    models = httpx.get(f"{url}/v1/models").json()["data"][0]
+    assert tokenized["max_model_len"] == models["max_model_len"]
+    text = httpx.post(f"{url}/detokenize", json={"tokens": tokenized["tokens"]}).json()["prompt"]
+    assert text.endswith("<|start|>assistant") and QUESTION in text
+    assert httpx.post(f"{url}/detokenize", json={"tokens": [-1]}).status_code == 400
+    assert httpx.get(f"{url}/version").json()["version"]

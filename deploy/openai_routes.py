@@ -164,15 +164,20 @@ async def _generate(request: Request, schema: type[BaseModel], plan: Callable) -
     timer = metrics.start() if metrics is not None else None   # arrival: TTFT/e2e include parsing, rendering, queue
 
     async def run(ctx: ServingContext) -> Response:
-        body = await read_json_object(request, ctx.max_request_bytes)
-        try:
-            req = schema.model_validate(body)
-        except ValidationError as e:
-            raise validation_error(e) from None
-        if req.model is not None and req.model != ctx.model_name:
-            raise model_not_found_error(req.model)
+        req = parse_request(schema, await read_json_object(request, ctx.max_request_bytes), ctx)
         return await run_plan(request, ctx, plan(ctx, req), timer)
     return await _guard(request, run, timer)
+
+
+def parse_request(schema: type[BaseModel], body: dict, ctx: ServingContext):
+    """The body as `schema` (400 naming the first bad field), for this gateway's model (404 for another)."""
+    try:
+        req = schema.model_validate(body)
+    except ValidationError as e:
+        raise validation_error(e) from None
+    if req.model is not None and req.model != ctx.model_name:
+        raise model_not_found_error(req.model)
+    return req
 
 
 def _authenticate(request: Request, ctx: ServingContext) -> None:

@@ -7,10 +7,10 @@ from __future__ import annotations
 from importlib import metadata
 
 from fastapi import FastAPI, Request
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field
 from starlette.responses import Response
 
-from deploy.api_errors import BadRequestError, model_not_found_error, validation_error
+from deploy.api_errors import BadRequestError
 from deploy.harmony import HarmonyRenderError, RenderOptions, render_chat
 from deploy.json_body import read_json_object
 from deploy.protocol import ChatCompletionRequest, RequestModel
@@ -57,12 +57,12 @@ def register_tokenize_routes(api: FastAPI) -> None:
 
 
 async def tokenize(request: Request) -> Response:
-    from deploy.openai_routes import _guard, _json
+    from deploy.openai_routes import _guard, _json, parse_request
 
     async def run(ctx: ServingContext) -> Response:
         body = await read_json_object(request, ctx.max_request_bytes)
         schema = TokenizeChatRequest if "messages" in body else TokenizeCompletionRequest
-        req = _validated(schema, body, ctx)
+        req = parse_request(schema, body, ctx)
         ids = _chat_ids(ctx, req) if isinstance(req, TokenizeChatRequest) else ctx.tokenizer.encode(req.prompt)
         strs = [ctx.tokenizer.decode([t]) for t in ids] if req.return_token_strs else None
         return _json(TokenizeResponse(count=len(ids), max_model_len=ctx.max_model_len, tokens=ids, token_strs=strs))
@@ -70,10 +70,10 @@ async def tokenize(request: Request) -> Response:
 
 
 async def detokenize(request: Request) -> Response:
-    from deploy.openai_routes import _guard, _json
+    from deploy.openai_routes import _guard, _json, parse_request
 
     async def run(ctx: ServingContext) -> Response:
-        req = _validated(DetokenizeRequest, await read_json_object(request, ctx.max_request_bytes), ctx)
+        req = parse_request(DetokenizeRequest, await read_json_object(request, ctx.max_request_bytes), ctx)
         vocab = ctx.tokenizer.vocab_size
         bad = [t for t in req.tokens if not 0 <= t < vocab]
         if bad:
@@ -85,16 +85,6 @@ async def detokenize(request: Request) -> Response:
 async def version(request: Request) -> Response:
     from deploy.openai_routes import _guard, _json
     return await _guard(request, lambda ctx: _json(VersionResponse(version=metadata.version("epserve"))))
-
-
-def _validated(schema, body: dict, ctx: ServingContext):
-    try:
-        req = schema.model_validate(body)
-    except ValidationError as e:
-        raise validation_error(e) from None
-    if req.model is not None and req.model != ctx.model_name:
-        raise model_not_found_error(req.model)
-    return req
 
 
 def _chat_ids(ctx: ServingContext, req: TokenizeChatRequest) -> list[int]:

@@ -99,8 +99,10 @@ class SequenceResult:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     output_text: str | None = None
+    num_cached_tokens: int = 0
 
     def add(self, out: TokenOutput) -> None:
+        self.num_cached_tokens = out.num_cached_tokens
         if out.finished:
             self.token_ids = list(out.output_token_ids)
         else:
@@ -176,7 +178,8 @@ def plan_chat_completion(ctx: ServingContext, req: ChatCompletionRequest) -> Gen
 
     def body(results: dict[tuple[int, int], SequenceResult]) -> ChatCompletionResponse:
         choices = [_choice(ctx, req, i, results[(0, i)]) for i in range(params.n)]
-        usage = UsageInfo.of(len(prompt_ids), sum(len(r.token_ids) for r in results.values()))
+        usage = UsageInfo.of(len(prompt_ids), sum(len(r.token_ids) for r in results.values()),
+                             results[(0, 0)].num_cached_tokens)
         return ChatCompletionResponse(id=response_id, model=ctx.model_name, choices=choices, usage=usage)
     return GenerationPlan([GenerateRequest(response_id, prompt_ids, params)], bool(req.stream),
                           lambda outputs: _chat_events(ctx, req, response_id, len(prompt_ids), outputs), body)
@@ -216,10 +219,10 @@ class _ChoiceStream:
         self.content = StopHoldback(req.stop, req.include_stop_str_in_output)
         self.reasoning = StopHoldback(req.stop, req.include_stop_str_in_output)
         self.logprobs: list[ChatCompletionTokenLogprob] = []
-        self.num_tokens = 0
+        self.num_tokens = self.num_cached_tokens = 0
 
     def update(self, out: TokenOutput) -> list[ChatCompletionChunkChoice]:
-        self.num_tokens = out.num_output_tokens
+        self.num_tokens, self.num_cached_tokens = out.num_output_tokens, out.num_cached_tokens
         delta = self.parser.feed(out.new_token_ids)
         if out.finished:
             delta.merge(self.parser.finish())
@@ -263,7 +266,8 @@ async def _chat_events(ctx: ServingContext, req: ChatCompletionRequest, response
                 for choice in states[out.index].update(out):
                     yield chunk([choice])
         if req.stream_options and req.stream_options.include_usage:
-            yield chunk([], UsageInfo.of(num_prompt_tokens, sum(s.num_tokens for s in states)))
+            yield chunk([], UsageInfo.of(num_prompt_tokens, sum(s.num_tokens for s in states),
+                                         states[0].num_cached_tokens))
     except Exception as e:
         yield sse_error(e)
     yield DONE

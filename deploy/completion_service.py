@@ -33,7 +33,8 @@ def plan_completion(ctx: ServingContext, req: CompletionRequest) -> GenerationPl
     def body(results: dict[tuple[int, int], SequenceResult]) -> CompletionResponse:
         choices = [_choice(ctx.tokenizer, req, p * n + i, results[(p, i)])
                    for p in range(len(prompts)) for i in range(n)]
-        usage = UsageInfo.of(num_prompt_tokens, sum(len(r.token_ids) for r in results.values()))
+        usage = UsageInfo.of(num_prompt_tokens, sum(len(r.token_ids) for r in results.values()),
+                             sum(results[(p, 0)].num_cached_tokens for p in range(len(prompts))))
         return CompletionResponse(id=response_id, model=ctx.model_name, choices=choices, usage=usage)
     return GenerationPlan(requests, bool(req.stream),
                           lambda outputs: _completion_events(ctx, req, response_id, n, num_prompt_tokens, outputs),
@@ -95,10 +96,10 @@ class _SequenceStream:
         self.text = IncrementalText(tokenizer)
         self.holdback = StopHoldback(req.stop, req.include_stop_str_in_output)
         self.offset = 0
-        self.num_tokens = 0
+        self.num_tokens = self.num_cached_tokens = 0
 
     def update(self, index: int, out: TokenOutput) -> CompletionChoice | None:
-        self.num_tokens = out.num_output_tokens
+        self.num_tokens, self.num_cached_tokens = out.num_output_tokens, out.num_cached_tokens
         ids = out.new_token_ids
         if out.finished and ends_with_stop_id(out.output_token_ids, out.finish_reason, out.stop_reason):
             ids = ids[:-1]
@@ -134,7 +135,8 @@ async def _completion_events(ctx: ServingContext, req: CompletionRequest, respon
                 if choice is not None:
                     yield chunk([choice])
         if req.stream_options and req.stream_options.include_usage:
-            yield chunk([], UsageInfo.of(num_prompt_tokens, sum(s.num_tokens for s in states.values())))
+            yield chunk([], UsageInfo.of(num_prompt_tokens, sum(s.num_tokens for s in states.values()),
+                                         sum(s.num_cached_tokens for i, s in states.items() if i % n == 0)))
     except Exception as e:
         yield sse_error(e)
     yield DONE

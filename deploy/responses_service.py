@@ -51,6 +51,7 @@ def plan_response(ctx: ServingContext, req: ResponsesRequest) -> GenerationPlan:
 
     def body(results: dict[tuple[int, int], SequenceResult]) -> ResponseObject:
         seq, build = results[(0, 0)], builder()
+        build.num_cached_tokens = seq.num_cached_tokens
         build.start()
         build.feed(seq.token_ids)
         build.finish(seq.finish_reason)
@@ -68,7 +69,7 @@ class ResponseBuilder:
         self.parser = HarmonyStreamParser(tokenizer)
         self.response = response
         self.num_prompt_tokens = num_prompt_tokens
-        self.num_output_tokens = self.num_reasoning_tokens = 0
+        self.num_output_tokens = self.num_reasoning_tokens = self.num_cached_tokens = 0
         self.item: ReasoningItem | OutputMessage | FunctionCallItem | None = None
         self.text = ""                 # what the open item has received so far
         self.sequence_number = 0
@@ -95,7 +96,7 @@ class ResponseBuilder:
         complete = finish_reason == "stop"
         events = self._on_delta(self.parser.finish()) + self._close("completed" if complete else "incomplete")
         self.response.usage = ResponseUsage.of(self.num_prompt_tokens, self.num_output_tokens,
-                                               self.num_reasoning_tokens)
+                                               self.num_reasoning_tokens, self.num_cached_tokens)
         if complete:
             self.response.status = "completed"
             return events + [self._lifecycle("response.completed")]
@@ -195,6 +196,7 @@ async def _response_events(builder: ResponseBuilder, outputs: AsyncIterator[tupl
     try:
         async with aclosing(outputs):
             async for _, out in outputs:
+                builder.num_cached_tokens = out.num_cached_tokens
                 events += builder.feed(out.new_token_ids)
                 if out.finished:
                     events += builder.finish(out.finish_reason)

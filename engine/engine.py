@@ -122,7 +122,7 @@ class LLMEngine:
                            num_prompt_tokens=seq.num_prompt_tokens, finished=done, finish_reason=seq.finish_reason,
                            stop_reason=seq.stop_reason, output_text=getattr(seq, "output_text", None) if done else None,
                            logprobs=list(logprobs), top_logprobs=list(top), queue_time_s=_queue_time(seq, new),
-                           num_output_tokens=seq.num_output_tokens)
+                           num_output_tokens=seq.num_output_tokens, num_cached_tokens=seq.num_cached_tokens)
 
     # ---- synchronous driver ----
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]

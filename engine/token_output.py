@@ -21,6 +21,7 @@ class TokenOutput:
     logprobs: list[float] = field(default_factory=list)                 # one per new token, when asked
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     num_output_tokens: int = 0                    # generated so far (len(output_token_ids) once finished)
+    num_cached_tokens: int = 0                    # prompt tokens the prefix cache served (usage.cached_tokens)
 
 
 def coalesce(outputs: list[TokenOutput]) -> list[TokenOutput]:

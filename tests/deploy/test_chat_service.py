@@ -23,7 +23,7 @@ def chat(client, **fields):
 
 
 def counts(usage):
-    return {k: usage[k] for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
+    return {k: usage[k] for k in ("prompt_tokens", "completion_tokens", "total_tokens", "prompt_tokens_details")}
 
 
 def joined(chunks, field, index=0):
@@ -47,7 +47,7 @@ def test_plain_chat_splits_reasoning_from_content(fake, tok):
     assert request.prompt_token_ids == prompt
     n_out = len(tok.encode(ANALYSIS_FINAL))
     assert body["usage"] == {"prompt_tokens": len(prompt), "completion_tokens": n_out,
-                             "total_tokens": len(prompt) + n_out, "prompt_tokens_details": None}
+                             "total_tokens": len(prompt) + n_out, "prompt_tokens_details": {"cached_tokens": 0}}
 
 
 def test_request_fields_reach_the_prompt_and_the_engine(fake, tok):

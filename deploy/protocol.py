@@ -19,8 +19,10 @@ logger = logging.getLogger(__name__)
 # - Unknown fields are accepted and ignored with a warning, as vLLM does, so OpenAI SDK `extra_body` keeps working.
 # - At most 8 stop strings (Ray Serve LLM's limit; OpenAI's own is 4, so every OpenAI-valid request passes).
 # - n at most 128 (OpenAI's limit); tool_choice "auto" or "none" only (gpt-oss picks its tools, as with vLLM).
-# - Knobs the engine does not implement (penalties, logit_bias, echo, suffix, best_of != n, response_format other
-#   than text) are 400s rather than silently ignored.
+# - Sampling controls: presence/frequency penalties and logit_bias (OpenAI), repetition_penalty, min_p, min_tokens
+#   (vLLM extras), applied on the engine's device (engine/logits_shaper.py).
+# - Knobs the engine does not implement (echo, suffix, best_of != n, response_format other than text) are 400s
+#   rather than silently ignored.
 MAX_STOP_SEQUENCES = 8
 MAX_N = 128
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
@@ -142,7 +144,10 @@ class SamplingFields(RequestModel):
     stream_options: StreamOptions | None = None
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
+    repetition_penalty: float | None = Field(None, gt=0.0, le=2.0)        # vLLM extras
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    min_tokens: int | None = Field(None, ge=0)
     user: str | None = None
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
     ignore_eos: bool = False
@@ -160,11 +165,8 @@ class SamplingFields(RequestModel):
 
     @model_validator(mode="after")
     def _check_unsupported(self):
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name):
-                raise ValueError(f"{name} is not supported by this server; leave it unset or 0")
-        if self.logit_bias:
-            raise ValueError("logit_bias is not supported by this server")
+        if any(not key.lstrip("-").isdigit() for key in self.logit_bias or {}):
+            raise ValueError("logit_bias keys must be token ids (integers as strings), e.g. {\"1234\": -100}")
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed when stream is true")
         return self
@@ -180,7 +182,10 @@ class SamplingFields(RequestModel):
         kwargs = {"n": self.n or 1, "stop": tuple(self.stop or ()), "seed": self.seed,
                   "logprobs": self.num_logprobs(), "ignore_eos": self.ignore_eos,
                   "include_stop_str_in_output": self.include_stop_str_in_output}
-        for name in ("temperature", "top_p", "top_k"):
+        if self.logit_bias:
+            kwargs["logit_bias"] = tuple((int(k), v) for k, v in self.logit_bias.items())
+        for name in ("temperature", "top_p", "top_k", "presence_penalty", "frequency_penalty", "repetition_penalty",
+                     "min_p", "min_tokens"):
             if getattr(self, name) is not None:
                 kwargs[name] = getattr(self, name)
         return kwargs

@@ -35,8 +35,9 @@ class LLMEngine:
         ValueError when the budget cannot hold it or an explicit max_model_len does not fit (naming what would)."""
         self.model = model
         self.config = config
+        eos_token_ids = tuple(eos_token_ids)
         device = next(model.parameters()).device
-        self.sampler = Sampler(config.seed)
+        self.sampler = Sampler(config.seed, eos_token_ids)
         budget = plan_kv_budget(model.config, model.dtype, config, *self._kv_bytes(device))
         self.max_model_len = budget.max_model_len      # effective prompt + output limit (servers read it)
         sched = SchedulerConfig(max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
@@ -75,7 +76,7 @@ class LLMEngine:
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Queue n sequences under `request_id`; raises ValueError for a request that can never be served."""
         vocab = self.model.config.vocab_size
-        bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
+        bad = [t for t in prompt_token_ids if not 0 <= t < vocab] + [t for t, _ in params.logit_bias if t >= vocab]
         if bad:
             raise ValueError(f"request {request_id!r}: token id {bad[0]} is out of range [0, {vocab})")
         for i in range(params.n):
@@ -102,7 +103,10 @@ class LLMEngine:
             return []
         logits = self.runner.run(batch)                                            # [R, V]
         rows = batch.sampling_seqs
-        sampled = self.sampler(logits, [r.seq.params for r in rows], [r.seq.num_output_tokens for r in rows])
+        params = [r.seq.params for r in rows]
+        histories = ([(r.seq.prompt_token_ids, r.seq.output_token_ids) for r in rows]
+                     if any(p.shapes_logits for p in params) else None)
+        sampled = self.sampler(logits, params, [r.seq.num_output_tokens for r in rows], histories)
         row_of = {r.seq.seq_id: i for i, r in enumerate(rows)}
         outputs = []
         for seq in self.scheduler.update(batch, sampled.token_ids):

@@ -1,4 +1,5 @@
-"""Turns a batch of next-token logits into token ids and logprobs: greedy, temperature, top-k, top-p, seeds.
+"""Turns a batch of next-token logits into token ids and logprobs: penalties and bias (engine/logits_shaper.py),
+greedy, temperature, top-k, top-p, min-p, seeds.
 
 Owns the randomness of generation; it knows nothing of sequences, stop rules or the model. Runs on
 whatever device the logits are on, with no host synchronisation before the final .tolist().
@@ -10,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.logits_shaper import LogitsShaper
 from engine.sampling_params import SamplingParams
 
 # Shape legend: B = sampling rows, V = vocabulary, S = unseeded rows, R = rows asking for logprobs,
@@ -72,19 +74,25 @@ class Sampler:
     preemption; rows without one share the sampler's generator (seeded by `seed` for reproducible runs).
     """
 
-    def __init__(self, seed: int | None = None) -> None:
+    def __init__(self, seed: int | None = None, eos_token_ids: Seq[int] = ()) -> None:
         self.seed = seed
+        self.eos_token_ids = tuple(eos_token_ids)       # masked with the stop ids while min_tokens is not reached
         self._shared: dict[torch.device, torch.Generator] = {}
         self._per_row: dict[torch.device, torch.Generator] = {}
 
     def __call__(self, logits: torch.Tensor, params: Seq[SamplingParams],
-                 token_indices: Seq[int] | None = None) -> SamplerOutput:
-        """logits [B, V]; params[i] and token_indices[i] (the row's number of output tokens so far, default 0)."""
+                 token_indices: Seq[int] | None = None,
+                 histories: Seq[tuple[Seq[int], Seq[int]]] | None = None) -> SamplerOutput:
+        """logits [B, V]; params[i] and token_indices[i] (the row's number of output tokens so far, default 0);
+        histories[i] = (prompt ids, output ids), needed only by rows whose params shape the logits (penalties)."""
         if logits.dim() != 2 or logits.shape[0] != len(params):
             raise ValueError(f"expected logits [B, V] with B = {len(params)} rows, got {tuple(logits.shape)}")
         indices = list(token_indices) if token_indices is not None else [0] * len(params)
         logits = logits.float()                                                # [B, V]
-        token_ids = self._sample(logits, params, indices)                      # [B]
+        shaped = logits
+        if any(p.shapes_logits for p in params):
+            shaped = LogitsShaper(self.eos_token_ids)(logits, params, indices, histories)
+        token_ids = self._sample(shaped, params, indices)                      # [B]
         logprobs, top_logprobs = self._logprobs(logits, params, token_ids)
         return SamplerOutput(token_ids=token_ids.tolist(), logprobs=logprobs, top_logprobs=top_logprobs)
 
@@ -102,6 +110,10 @@ class Sampler:
             top_p = _to_device([p.top_p for p in params], torch.float32, device)
             scaled = apply_top_k_top_p(scaled, top_k, top_p)
         probs = scaled.softmax(dim=-1)                                         # [B, V]
+        if any(p.min_p > 0 for p in params):
+            min_p = _to_device([p.min_p for p in params], torch.float32, device)            # [B]
+            keep = probs >= min_p[:, None] * probs.max(dim=-1, keepdim=True).values          # [B, V]
+            probs = (probs * keep).div_((probs * keep).sum(dim=-1, keepdim=True))
         noise = self._exponential_noise(params, indices, greedy, probs.shape, device)   # [B, V]
         sampled = (probs / noise).argmax(dim=-1)                               # [B]
         return torch.where(_to_device(greedy, torch.bool, device), argmax, sampled)

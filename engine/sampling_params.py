@@ -26,6 +26,15 @@ class SamplingParams:
         (log-softmax of the raw logits, before temperature/top-k/top-p: OpenAI's and vLLM's "raw" logprobs).
     n: completions per prompt; the engine runs n sequences under one request id.
     ignore_eos: keep generating after the model's end-of-sequence ids (stop_token_ids still apply).
+    presence_penalty / frequency_penalty: OpenAI's, over the generated tokens: logits -= presence * [count > 0]
+        + frequency * count (in [-2, 2]; 0 = off).
+    repetition_penalty: vLLM's (CTRL's), over prompt and generated tokens: a seen token's positive logit is divided
+        by it, a negative one multiplied (> 0; 1 = off).
+    logit_bias: (token id, bias in [-100, 100]) pairs added to the logits before sampling (OpenAI's).
+    min_p: drop tokens whose probability is below min_p x the top token's (after temperature; 0 = off).
+    min_tokens: the stop token ids and end-of-sequence ids cannot be sampled, and stop strings do not end the
+        request, before this many tokens were generated.
+    Penalties, bias and min_p change what is sampled (greedy included), never the reported raw logprobs.
     """
 
     temperature: float = 1.0
@@ -39,12 +48,21 @@ class SamplingParams:
     logprobs: int | None = None
     n: int = 1
     ignore_eos: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    min_p: float = 0.0
+    min_tokens: int = 0
 
     def __post_init__(self) -> None:
         # Lists are accepted for convenience and frozen into tuples so params stay hashable and immutable.
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
         object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str) else tuple(self.stop))
+        bias = self.logit_bias.items() if isinstance(self.logit_bias, dict) else self.logit_bias
+        object.__setattr__(self, "logit_bias", tuple((int(t), float(b)) for t, b in bias))
         self._validate_sampling()
+        self._validate_controls()
         self._validate_stopping()
 
     def _validate_sampling(self) -> None:
@@ -60,6 +78,26 @@ class SamplingParams:
             raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}] or None, got {self.logprobs}")
         if self.n < 1:
             raise ValueError(f"n must be at least 1, got {self.n}")
+
+    def _validate_controls(self) -> None:
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if not 0.0 < self.repetition_penalty <= 2.0:
+            raise ValueError(f"repetition_penalty must be in (0, 2], got {self.repetition_penalty}")
+        if any(t < 0 or not -100.0 <= b <= 100.0 for t, b in self.logit_bias):
+            raise ValueError("logit_bias maps token ids (>= 0) to biases in [-100, 100], got "
+                             f"{dict(self.logit_bias)}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}")
+
+    @property
+    def shapes_logits(self) -> bool:
+        """Whether the sampler must change this row's logits beyond temperature/top-k/top-p."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
+                    or self.logit_bias or self.min_p or self.min_tokens)
 
     def _validate_stopping(self) -> None:
         if self.max_tokens < 1:

@@ -50,17 +50,20 @@ class StopChecker:
 
     def _check(self, seq: Sequence) -> bool:
         params, token_id = seq.params, seq.last_token_id
-        if (token_id in self.eos_token_ids and not params.ignore_eos) or token_id in params.stop_token_ids:
+        if seq.num_output_tokens < params.min_tokens:    # only the length ends it yet (the sampler masks stop ids);
+            if params.stop:                                # stop strings matched before min_tokens are passed over
+                self._check_stop_strings(seq, act=False)   # (the search window moves on), never acted on later
+        elif ((token_id in self.eos_token_ids and not params.ignore_eos) or token_id in params.stop_token_ids):
             seq.finish(SequenceStatus.FINISHED_STOPPED, stop_reason=token_id)
             return True
-        if params.stop and self._check_stop_strings(seq):
+        elif params.stop and self._check_stop_strings(seq):
             return True
         if seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
             seq.finish(SequenceStatus.FINISHED_LENGTH)
             return True
         return False
 
-    def _check_stop_strings(self, seq: Sequence) -> bool:
+    def _check_stop_strings(self, seq: Sequence, act: bool = True) -> bool:
         assert self.detokenize is not None, "validate() rejects stop strings without a detokenizer"
         state = getattr(seq, _STATE_ATTR, None)
         if state is None:
@@ -75,7 +78,7 @@ class StopChecker:
         # The earliest match wins, whichever stop string it is.
         matches = [(text.find(stop, start), stop) for stop in seq.params.stop]
         matches = [(index, stop) for index, stop in matches if index >= 0]
-        if not matches:
+        if not matches or not act:
             return False
         index, stop = min(matches)
         end = index + len(stop) if seq.params.include_stop_str_in_output else index

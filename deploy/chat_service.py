@@ -260,11 +260,17 @@ async def _chat_events(ctx: ServingContext, req: ChatCompletionRequest, response
                                        usage=usage).model_dump_json(exclude_none=True))
     try:
         async with aclosing(outputs):
+            continuous = bool(req.stream_options and req.stream_options.every_chunk())
+
+            def usage_so_far() -> UsageInfo | None:      # vLLM's continuous_usage_stats: on every chunk
+                return UsageInfo.of(num_prompt_tokens, sum(s.num_tokens for s in states),
+                                    states[0].num_cached_tokens) if continuous else None
             for i in range(n):
-                yield chunk([ChatCompletionChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
+                yield chunk([ChatCompletionChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))],
+                            usage_so_far())
             async for _, out in outputs:
                 for choice in states[out.index].update(out):
-                    yield chunk([choice])
+                    yield chunk([choice], usage_so_far())
         if req.stream_options and req.stream_options.include_usage:
             yield chunk([], UsageInfo.of(num_prompt_tokens, sum(s.num_tokens for s in states),
                                          states[0].num_cached_tokens))

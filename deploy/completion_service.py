@@ -116,6 +116,12 @@ class _SequenceStream:
                                 stop_reason=out.stop_reason if out.finished else None)
 
 
+def _usage(num_prompt_tokens: int, states: dict, n: int) -> UsageInfo:
+    """Usage so far: every choice's tokens; cached prompt tokens once per prompt (its first choice's)."""
+    return UsageInfo.of(num_prompt_tokens, sum(s.num_tokens for s in states.values()),
+                        sum(s.num_cached_tokens for i, s in states.items() if i % n == 0))
+
+
 async def _completion_events(ctx: ServingContext, req: CompletionRequest, response_id: str, n: int,
                              num_prompt_tokens: int, outputs: AsyncIterator[tuple[int, TokenOutput]]
                              ) -> AsyncIterator[str]:
@@ -129,14 +135,14 @@ async def _completion_events(ctx: ServingContext, req: CompletionRequest, respon
                                       usage=usage).model_dump_json(exclude_none=True))
     try:
         async with aclosing(outputs):
+            continuous = bool(req.stream_options and req.stream_options.every_chunk())
             async for prompt_index, out in outputs:
                 index = prompt_index * n + out.index
                 choice = states.setdefault(index, _SequenceStream(ctx.tokenizer, req)).update(index, out)
                 if choice is not None:
-                    yield chunk([choice])
+                    yield chunk([choice], _usage(num_prompt_tokens, states, n) if continuous else None)
         if req.stream_options and req.stream_options.include_usage:
-            yield chunk([], UsageInfo.of(num_prompt_tokens, sum(s.num_tokens for s in states.values()),
-                                         sum(s.num_cached_tokens for i, s in states.items() if i % n == 0)))
+            yield chunk([], _usage(num_prompt_tokens, states, n))
     except Exception as e:
         yield sse_error(e)
     yield DONE

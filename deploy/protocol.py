@@ -50,6 +50,10 @@ class RequestModel(OpenAIModel):
 
 class StreamOptions(OpenAIModel):
     include_usage: bool = False
+    continuous_usage_stats: bool = False     # vLLM: every chunk carries the usage so far
+
+    def every_chunk(self) -> bool:
+        return self.include_usage and self.continuous_usage_stats
 
 
 class ContentPart(OpenAIModel):

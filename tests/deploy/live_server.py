@@ -6,6 +6,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,21 +24,24 @@ def free_port() -> int:
 @contextlib.contextmanager
 def live_server(*args: str, timeout_s: float = 240, log: Path | None = None):
     """Yield (base URL, Popen) of `epserve serve ARGS --port P` once /health answers 200 (a ModelServer replica
-    runs)."""
+    runs). Its output goes to `log` (default: a temporary file); a server that dies before serving shows its end."""
     port = free_port()
     env = dict(os.environ, RAY_AUTH_MODE="disabled")
     env.pop("RAY_ADDRESS", None)
-    out = open(log, "w") if log else subprocess.DEVNULL
+    out = open(log, "w+") if log else tempfile.TemporaryFile("w+")
     proc = subprocess.Popen([EPSERVE, "serve", *args, "--port", str(port)], env=env, start_new_session=True,
-                            stdout=out, stderr=subprocess.STDOUT if log else subprocess.DEVNULL)
+                            stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_serving(url, proc, timeout_s)
+        try:
+            wait_serving(url, proc, timeout_s)
+        except (RuntimeError, TimeoutError) as e:
+            out.seek(0)
+            raise RuntimeError(f"{e}; its output ends with:\n{out.read()[-3000:]}") from None
         yield url, proc
     finally:
         stop(proc)
-        if log:
-            out.close()
+        out.close()
 
 
 def wait_serving(url: str, proc: subprocess.Popen, timeout_s: float) -> None:

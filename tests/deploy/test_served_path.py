@@ -196,3 +196,23 @@ def test_logit_bias_min_tokens_and_penalties_change_what_is_generated(server):
     assert repeated.choices[0].finish_reason in ("stop", "length") and repeated.usage.completion_tokens > 0
     with pytest.raises(openai.BadRequestError, match="out of range"):
         client.completions.create(model=None, prompt=prompt, max_tokens=3, logit_bias={"999999999": -100})
+
+
+def test_continuous_usage_stats_put_the_usage_so_far_on_every_chunk(server):
+    url = server[0]
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="none")
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    chunks = [c for c in client.completions.create(model=None, prompt=prompts(1)[0], max_tokens=12, temperature=0,
+                                                   stream=True, stream_options=options)]
+    with_text = [c for c in chunks if c.choices]
+    assert with_text and all(c.usage is not None for c in with_text)
+    counts = [c.usage.completion_tokens for c in with_text]
+    assert counts == sorted(counts) and counts[-1] == chunks[-1].usage.completion_tokens    # grows to the total
+    assert all(c.usage.prompt_tokens == chunks[-1].usage.prompt_tokens for c in with_text)
+    chat = [c for c in client.chat.completions.create(model=None, messages=[{"role": "user", "content": QUESTION}],
+                                                       temperature=0, stream=True, stream_options=options)]
+    assert all(c.usage is not None for c in chat)
+    plain = [c for c in client.chat.completions.create(model=None, messages=[{"role": "user", "content": QUESTION}],
+                                                        temperature=0, stream=True,
+                                                        stream_options={"include_usage": True})]
+    assert all(c.usage is None for c in plain[:-1]) and plain[-1].usage is not None

@@ -89,7 +89,6 @@ class EPGroup:
         self._counts: dict[int, torch.Tensor] = {}             # step -> [L, E] summed over the ranks so far
         self._rank_step = [0] * ep.ep_size
         self._pending: list[tuple[int, torch.Tensor]] = []
-        self.last_results: list[StepResult | None] = [None] * ep.ep_size
         host, port = ray.get(self.workers[0].rendezvous_address.remote())
         infos = self._setup(host, port)
         self.max_model_len = min(i["max_model_len"] for i in infos)
@@ -145,9 +144,6 @@ class EPGroup:
         if rank is not None:
             self.workers[rank].submit.remote([("abort", request_id)])
 
-    def has_unfinished(self) -> bool:
-        return bool(self._rank_of)
-
     # ---- results (one reader at a time) ----
     def results(self, timeout_s: float | None = None) -> list[StepResult]:
         """StepResults of every rank that arrived since the last call, waiting up to `timeout_s` for the first.
@@ -183,7 +179,6 @@ class EPGroup:
                 self._inbox.put((rank, e))
 
     def _account(self, r: StepResult) -> None:
-        self.last_results[r.rank] = r
         self.num_steps = max(self.num_steps, r.step)
         with self._lock:
             for out in r.outputs:

@@ -115,8 +115,7 @@ class EPWorker:
         self.loop = RankLoop(self.rank, self.ep_size, self._apply, self.engine.has_unfinished, self.step_once,
                              self._apply_placement, control_group(backend, timeout_s) if not self.single else None)
         self.loop.start()
-        max_len = getattr(self.engine, "max_model_len", None) or self.engine.scheduler.config.max_model_len
-        return {"max_model_len": max_len, "node": node_address()}
+        return {"max_model_len": self.engine.max_model_len, "node": node_address()}
 
     @property
     def single(self) -> bool:

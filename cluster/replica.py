@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from cluster.ep_group import EPGroup
@@ -83,25 +83,6 @@ class ReplicaEngine:
         adds, self._adds = self._adds, []
         if adds:
             self.group.add_requests([(r.request_id, r.prompt_token_ids, r.params) for r in adds])
-
-    async def stream(self, request: GenerateRequest) -> AsyncIterator[TokenOutput]:
-        """TokenOutputs of the request as the ranks produce them. Leaving early (client gone, task cancelled)
-        aborts the request on its rank, which frees its KV blocks at once."""
-        loop, out_queue = asyncio.get_running_loop(), asyncio.Queue()
-        put = lambda item: loop.call_soon_threadsafe(out_queue.put_nowait, item)   # noqa: E731
-        self.submit(request, RequestSink(deliver=put, fail=put))
-        remaining = request.params.n
-        try:
-            while remaining:
-                item = await out_queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                for out in item:
-                    remaining -= out.finished
-                    yield out
-        finally:
-            if remaining:
-                self.abort(request.request_id)
 
     def check_health(self) -> None:
         if self.error is not None:

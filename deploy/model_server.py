@@ -2,14 +2,13 @@
 
 Its placement group (from Serve's `placement_group_bundles`: its own bundle, then one per rank) holds the ranks.
 Sends each request's outputs to its gateway's token channel (deploy/token_channel.py), once per step for all of
-that gateway's requests (or streams them through Serve for callers without a channel). A failed EP group makes
+that gateway's requests. A failed EP group makes
 `check_health` raise so Serve replaces the replica while other replicas keep serving.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
 
 from cluster.ep_group import EPConfig, EPGroup
 from cluster.replica import ReplicaEngine, ReplicaUnhealthy, RequestSink
@@ -54,11 +53,6 @@ class ModelServer:
         self.engine = ReplicaEngine(group, metrics=EngineMetrics(name, replica=replica))
         self._waiting: dict[tuple, set[asyncio.Future]] = {}
         self._senders: dict[tuple, ChannelSender] = {}
-
-    async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenOutput]:
-        """Outputs as a Serve stream (one item per step batch of this request): for callers without a channel."""
-        async for out in self.engine.stream(request):
-            yield out
 
     async def generate_to(self, request: GenerateRequest, reply_to: tuple[str, int, str]) -> None:
         """Run the request; its outputs go to the gateway's token channel at `reply_to`, in one message per step

@@ -9,22 +9,16 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from bench.process_cpu import snapshot
+from cluster.process_group import free_port
 
 logger = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def serve_command(serve_args: list[str], port: int) -> list[str]:
@@ -39,7 +33,7 @@ class ServeProcess:
                  stop_timeout_s: float = 60.0):
         self.serve_args, self.log_path = list(serve_args), Path(log_path)
         self.ready_timeout_s, self.stop_timeout_s = ready_timeout_s, stop_timeout_s
-        self.port = free_port()
+        self.port = free_port("127.0.0.1")
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
         self.model: str | None = None

@@ -18,7 +18,8 @@ import pytest
 import yaml
 
 from deploy.model_paths import resolve_model_dir
-from tests.deploy.live_server import free_port, wait_serving
+from cluster.process_group import free_port
+from tests.deploy.live_server import wait_serving
 
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[2]
@@ -55,7 +56,7 @@ def _pids_mentioning(text: str) -> set[int]:
 @pytest.fixture(scope="module")
 def cluster():
     temp = tempfile.mkdtemp(prefix="ep2n", dir="/tmp")          # short: Ray's socket paths must stay short
-    port, ray = free_port(), str(BIN / "ray")
+    port, ray = free_port("127.0.0.1"), str(BIN / "ray")
     common = ["--num-cpus", "1", "--disable-usage-stats"]
     try:
         subprocess.run([ray, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port), "--temp-dir",
@@ -98,7 +99,7 @@ def test_two_ranks_on_two_nodes_give_the_single_process_outputs(cluster, tmp_pat
 
 def test_serve_run_of_the_shipped_config_answers_chat_on_the_cluster(cluster, tmp_path):
     config = yaml.safe_load((REPO / "deploy" / "serve_config.yaml").read_text())
-    port = free_port()
+    port = free_port("127.0.0.1")
     config["http_options"]["port"] = port
     config["proxy_location"] = "HeadOnly"        # both "nodes" share one loopback: one proxy may bind the port
     path = tmp_path / "serve_config.yaml"

@@ -1,54 +1,32 @@
-"""A live `epserve serve` in a subprocess (its own Ray cluster, its own session), as a user starts it; stopped with
-SIGINT to its main pid (TOOLING.md: it exits cleanly in ~7 s), then anything left in its session is killed."""
+"""A live `epserve serve` in a subprocess (its own Ray cluster, its own session), as a user starts it: the
+benchmark's ServeProcess (bench/serve_process.py: ready once a first completion streams, stopped with SIGINT to its
+main pid, leftovers killed pid by pid, its log's end in any failure), plus what tests ask of a running server."""
 import contextlib
-import os
-import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
 
-EPSERVE = str(Path(sys.executable).with_name("epserve"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from bench.process_cpu import snapshot
+from bench.serve_process import ServeProcess
 
 
 @contextlib.contextmanager
 def live_server(*args: str, timeout_s: float = 240, log: Path | None = None):
-    """Yield (base URL, Popen) of `epserve serve ARGS --port P` once /health answers 200 (a ModelServer replica
-    runs). Its output goes to `log` (default: a temporary file); a server that dies before serving shows its end."""
-    port = free_port()
-    env = dict(os.environ, RAY_AUTH_MODE="disabled")
-    env.pop("RAY_ADDRESS", None)
-    out = open(log, "w+") if log else tempfile.TemporaryFile("w+")
-    proc = subprocess.Popen([EPSERVE, "serve", *args, "--port", str(port)], env=env, start_new_session=True,
-                            stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        try:
-            wait_serving(url, proc, timeout_s)
-        except (RuntimeError, TimeoutError) as e:
-            out.seek(0)
-            raise RuntimeError(f"{e}; its output ends with:\n{out.read()[-3000:]}") from None
-        yield url, proc
-    finally:
-        stop(proc)
-        out.close()
+    """Yield (base URL, Popen) of `epserve serve ARGS` on a free loopback port once it serves."""
+    with tempfile.TemporaryDirectory() as tmp:
+        with ServeProcess(list(args), log or Path(tmp) / "serve.log", ready_timeout_s=timeout_s) as server:
+            yield server.url, server.proc
 
 
 def wait_serving(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
+    """Wait until a server started some other way (`serve run`) answers /health with 200."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"epserve serve exited with code {proc.returncode} before serving")
+            raise RuntimeError(f"the server exited with code {proc.returncode} before serving")
         with contextlib.suppress(httpx.HTTPError):
             if httpx.get(f"{url}/health", timeout=5).status_code == 200:
                 return
@@ -57,19 +35,5 @@ def wait_serving(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
 
 
 def session_pids(proc: subprocess.Popen, title: str) -> list[int]:
-    """Pids in the server's session whose command line contains `title` (e.g. "ray::EPWorker")."""
-    ps = subprocess.run(["ps", "-s", str(proc.pid), "-o", "pid=,args="], capture_output=True, text=True).stdout
-    return [int(line.split(None, 1)[0]) for line in ps.splitlines() if title in line]
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            pass
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)            # whatever is left of its session, by its group id
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=10)
+    """Pids in the server's session whose process title contains `title` (e.g. "ray::EPWorker")."""
+    return [pid for pid, sample in snapshot(proc.pid).items() if title in sample.title]

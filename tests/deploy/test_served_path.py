@@ -15,7 +15,8 @@ from deploy.tokenizer import Tokenizer
 from engine.engine import EngineConfig, LLMEngine
 from engine.sampling_params import SamplingParams
 from model.loader import load_model
-from tests.deploy.live_server import free_port, live_server
+from cluster.process_group import free_port
+from tests.deploy.live_server import live_server
 
 NUM_STREAMS, MAX_TOKENS = 48, 48
 QUESTION = "What is 2 + 3?"
@@ -23,7 +24,7 @@ QUESTION = "What is 2 + 3?"
 
 @pytest.fixture(scope="module", params=[1, 2], ids=["ep1", "ep2"])
 def server(request):
-    metrics_port = free_port()
+    metrics_port = free_port("127.0.0.1")
     with live_server("--ep-size", str(request.param), "--metrics-port", str(metrics_port)) as (url, proc):
         yield url, f"http://127.0.0.1:{metrics_port}/metrics", request.param
 

@@ -74,14 +74,10 @@ def _prompts(count: int, length: int, vocab: int, seed: int) -> list[list[int]]:
 
 def _engine(model, max_seqs: int, max_len: int):
     """An engine whose full-attention KV pool holds max_seqs sequences of max_len tokens (fp32, blocks of 16)."""
-    from engine.config import FULL, SLIDING
     from engine.engine import EngineConfig, LLMEngine
-    from engine.model_runner import plan_cache
-    from model.paged_attention import PagedKVCache
+    from engine.kv_budget import kv_bytes_for
     cfg, budget, block = model.config, max(2048, max_seqs), 16
-    sliding = plan_cache(cfg, 1 << 40, block, max_seqs, budget, torch.float32).num_sliding_blocks
-    kv_bytes = (sliding * PagedKVCache.bytes_per_block(cfg, block, torch.float32, SLIDING)
-                + max_seqs * -(-max_len // block) * PagedKVCache.bytes_per_block(cfg, block, torch.float32, FULL))
+    kv_bytes = kv_bytes_for(cfg, torch.float32, block, max_seqs, budget, max_seqs * -(-max_len // block))
     return LLMEngine(model, EngineConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget, block_size=block,
                                          max_model_len=max_len, kv_cache_bytes=kv_bytes))
 

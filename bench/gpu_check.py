@@ -30,12 +30,11 @@ from bench.device_stats import free_bytes, measure_bandwidth, prompts, sync  # n
 from bench.hf_baseline import measure_transformers                     # noqa: E402
 from bench.roofline import BYTES_PER_TOKEN_FORMULA, bytes_per_token    # noqa: E402
 from engine.engine import EngineConfig, LLMEngine                       # noqa: E402
-from engine.model_runner import plan_cache                              # noqa: E402
+from engine.kv_budget import kv_bytes_for                              # noqa: E402
 from engine.sampling_params import SamplingParams                       # noqa: E402
 from model import tiny                                                  # noqa: E402
 from model.config import ModelConfig                                    # noqa: E402
 from model.packed_experts import PACKED_BYTES_PER_WEIGHT, PackedMXFP4Experts  # noqa: E402
-from model.paged_attention import FULL, SLIDING, PagedKVCache                   # noqa: E402
 from model.transformer import GptOssForCausalLM                         # noqa: E402
 
 logger = logging.getLogger("gpu_check")
@@ -107,10 +106,8 @@ def make_engine(model: GptOssForCausalLM, plan: Plan, cuda_graphs: bool = True) 
     decode_len = plan.prompt_tokens + plan.decode_steps + 16
     max_len = max(decode_len, plan.ttft_prompt_tokens + 8)
     cfg, dtype = model.config, model.dtype
-    sliding = plan_cache(cfg, 1 << 50, block, batch, budget, dtype)
     full_blocks = max(batch * -(-decode_len // block), -(-max_len // block)) + batch
-    kv = (sliding.num_sliding_blocks * PagedKVCache.bytes_per_block(cfg, block, dtype, SLIDING)
-          + full_blocks * PagedKVCache.bytes_per_block(cfg, block, dtype, FULL))
+    kv = kv_bytes_for(cfg, dtype, block, batch, budget, full_blocks)
     return LLMEngine(model, EngineConfig(max_num_seqs=batch, max_num_batched_tokens=budget, block_size=block,
                                          max_model_len=max_len, kv_cache_bytes=kv, cuda_graphs=cuda_graphs))
 

@@ -35,20 +35,13 @@ def sliding_blocks(config: ModelConfig, block_size: int, max_num_seqs: int, max_
     return max_num_seqs * max_blocks_spanned(W, block_size) + max_blocks_spanned(W - 1 + max_chunk_tokens, block_size)
 
 
-def plan_cache(config: ModelConfig, kv_cache_bytes: int, block_size: int, max_num_seqs: int,
-               max_chunk_tokens: int, dtype: torch.dtype, enable_prefix_caching: bool = False) -> CacheConfig:
-    """Split a KV memory budget into the two pools: the sliding pool gets what the window can need
-    (`sliding_blocks`), the full pool the rest."""
+def kv_bytes_for(config: ModelConfig, dtype: torch.dtype, block_size: int, max_num_seqs: int, max_chunk_tokens: int,
+                 num_full_blocks: int) -> int:
+    """The exact kv_cache_bytes whose plan is the sliding pool these settings need plus `num_full_blocks` full
+    blocks (benchmarks and tests that want a pool of a given size)."""
     sliding = sliding_blocks(config, block_size, max_num_seqs, max_chunk_tokens)
-    left = kv_cache_bytes - sliding * PagedKVCache.bytes_per_block(config, block_size, dtype, SLIDING)
-    per_full = PagedKVCache.bytes_per_block(config, block_size, dtype, FULL)
-    num_full = left // per_full if per_full else max_num_seqs
-    if num_full < 1:
-        raise ValueError(f"kv_cache_bytes={kv_cache_bytes} cannot hold the sliding-window pool "
-                         f"({sliding} blocks) and any full-attention block; give the KV cache more memory")
-    return CacheConfig(num_full_blocks=int(num_full), num_sliding_blocks=sliding, block_size=block_size,
-                       sliding_window=config.sliding_window if sliding else None,
-                       enable_prefix_caching=enable_prefix_caching)
+    return (sliding * PagedKVCache.bytes_per_block(config, block_size, dtype, SLIDING)
+            + num_full_blocks * PagedKVCache.bytes_per_block(config, block_size, dtype, FULL))
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,6 @@ import torch
 from engine import config as engine_config
 from engine.config import CacheConfig
 from engine.decode_graphs import DecodeGraphs
-from engine.kv_budget import plan_cache  # noqa: F401  (bench/ and tests import it from here)
 from engine.scheduled_batch import ScheduledBatch
 from model import paged_attention
 from model.decode_metadata import DecodeMetadata

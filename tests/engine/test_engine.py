@@ -9,8 +9,7 @@ from transformers import GptOssForCausalLM, Mxfp4Config
 
 from engine.config import FULL, SLIDING
 from engine.engine import EngineConfig, LLMEngine
-from engine.model_runner import plan_cache
-from model.paged_attention import PagedKVCache
+from engine.kv_budget import kv_bytes_for
 from engine.sampling_params import SamplingParams
 
 MAX_TOKENS = 6
@@ -53,9 +52,7 @@ def test_concurrent_ragged_greedy_equals_transformers(tiny_model, ragged_prompts
 def test_tiny_kv_budget_preempts_and_stays_exact(tiny_model, ragged_prompts, hf_greedy):
     config = EngineConfig(max_num_seqs=24, max_num_batched_tokens=64, block_size=4, max_model_len=256)
     cfg = tiny_model.config
-    sliding = plan_cache(cfg, 1 << 30, 4, 24, 64, torch.float32).num_sliding_blocks
-    budget = (sliding * PagedKVCache.bytes_per_block(cfg, 4, torch.float32, SLIDING)
-              + 70 * PagedKVCache.bytes_per_block(cfg, 4, torch.float32, FULL))   # 70 blocks: 280 tokens in all
+    budget = kv_bytes_for(cfg, torch.float32, 4, 24, 64, 70)                     # 70 full blocks: 280 tokens in all
     engine = LLMEngine(tiny_model, dataclasses.replace(config, kv_cache_bytes=budget))
     assert engine.block_manager.num_total_blocks(FULL) == 70
     results = engine.generate(ragged_prompts, greedy())

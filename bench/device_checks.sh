@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU check in one device call (the device tool's machine: torch + triton + transformers, no Ray, no network):
 # the kernel and CUDA-graph tests on CUDA, then bench/gpu_check.py. Results under $OUT (default ./device_out).
-#   bash bench/device_checks.sh        # ~10 minutes at most: tests <= 3, gpu_check <= 7
+#   bash bench/device_checks.sh        # ~5 minutes on an H200 (2026-12-04); at most tests 3 + gpu_check 7 + profile 2.5
 set -uo pipefail
 OUT=${OUT:-device_out}
 mkdir -p "$OUT"
@@ -17,3 +17,5 @@ timeout 180 python -m pytest -q -o addopts='' -p no:cacheprovider -x \
 echo "gpu tests: exit $?"; tail -15 "$OUT/gpu_tests.log"
 timeout 420 python bench/gpu_check.py --out "$OUT/gpu_check.json" > "$OUT/gpu_check.log" 2>&1
 echo "gpu_check: exit $?"; tail -c 6000 "$OUT/gpu_check.log"
+timeout 150 python bench/decode_profile.py --batch 1 > "$OUT/decode_profile.json" 2> "$OUT/decode_profile.log"
+echo "decode_profile: exit $?"; cat "$OUT/decode_profile.json"; tail -5 "$OUT/decode_profile.log"

@@ -207,7 +207,7 @@ def fast_path_checks(model: GptOssForCausalLM, plan: Plan, graph_tokens: dict) -
         out["eager_decode_tok_s"] = {str(n): round(decode_ours(engine, prompts(n, P, V, seed=n),
                                                                 plan.decode_steps)[0], 2) for n in (1, b)}
         eager_tokens = decode_ours(engine, prompts(b, P, V, seed=b), plan.decode_steps)[1]
-        out["cuda_graph_tokens"] = fast_path_check.check_graph_tokens(graph_tokens[b], eager_tokens)
+        out["cuda_graph_tokens"] = fast_path_check.token_agreement(graph_tokens[b], eager_tokens)
         del engine
         gc.collect()
     return out

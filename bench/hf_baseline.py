@@ -7,6 +7,7 @@ import time
 import torch
 
 from bench.device_stats import free_bytes, prompts, sync
+from bench.fast_path_check import token_agreement
 from model import tiny
 from model.transformer import GptOssForCausalLM
 
@@ -64,8 +65,10 @@ def measure_transformers(spec, ours, plan, dtype, device, ours_tokens: dict) -> 
     for b in plan.batches:
         times, toks = generate_hf(hf, prompts(b, plan.prompt_tokens, cfg.vocab_size, seed=b), plan.decode_steps + 1)
         tok_s = b * plan.decode_steps / (times[-1] - times[1])                               # decode forwards only
-        same = sum(a == o for a, o in zip(toks, ours_tokens[b])) / b
-        out["decode"][str(b)] = {"tok_s": round(tok_s, 2), "greedy_match": round(same, 3)}
+        agree = token_agreement(ours_tokens[b], toks)
+        out["decode"][str(b)] = {"tok_s": round(tok_s, 2),
+                                 "greedy_match": round(agree["identical_greedy_sequences"] / b, 3),
+                                 **{k: agree[k] for k in ("first_token_match", "mean_common_prefix")}}
     times = [generate_hf(hf, prompts(1, plan.ttft_prompt_tokens, cfg.vocab_size, seed=7), 1)[0] for _ in range(2)]
     out["ttft_s"] = round(min(t[1] - t[0] for t in times), 4)                             # first one warms up
     return out

@@ -73,16 +73,24 @@ class LLMEngine:
         Sampler(0)(logits, [SamplingParams(top_p=0.9, logprobs=1)] * rows, [0] * rows)
 
     # ---- requests ----
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        """Queue n sequences under `request_id`; raises ValueError for a request that can never be served."""
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    resume_output_ids: Iterable[int] = ()) -> None:
+        """Queue n sequences under `request_id`; raises ValueError for a request that can never be served.
+        `resume_output_ids` (n == 1): output tokens it already produced elsewhere; they are recomputed with the
+        prompt, count towards max_tokens, min_tokens and stop strings, and only the tokens after them are emitted."""
         vocab = self.model.config.vocab_size
-        bad = [t for t in prompt_token_ids if not 0 <= t < vocab] + [t for t, _ in params.logit_bias if t >= vocab]
+        resumed = list(resume_output_ids)
+        bad = [t for t in [*prompt_token_ids, *resumed] if not 0 <= t < vocab]
+        bad += [t for t, _ in params.logit_bias if t >= vocab]
         if bad:
             raise ValueError(f"request {request_id!r}: token id {bad[0]} is out of range [0, {vocab})")
+        if resumed and (params.n != 1 or len(resumed) >= params.max_tokens):
+            raise ValueError(f"request {request_id!r}: a continuation needs n == 1 and fewer resumed tokens than "
+                             f"max_tokens, got n={params.n}, {len(resumed)} of {params.max_tokens}")
         for i in range(params.n):
             # n > 1 with a seed: each completion gets its own seed, or all n would be identical.
             p = params if params.seed is None or i == 0 else dataclasses.replace(params, seed=params.seed + i)
-            seq = Sequence(next(self._seq_ids), request_id, prompt_token_ids, p)
+            seq = Sequence(next(self._seq_ids), request_id, prompt_token_ids, p, output_token_ids=resumed)
             self.scheduler.add(seq)
             self._index[seq.seq_id] = i
 
@@ -144,12 +152,12 @@ class LLMEngine:
         return [[final[(rid, i)] for i in range(p.n)] for rid, p in zip(ids, params)]
 
     # ---- asynchronous driver ----
-    async def stream(self, request_id: str, prompt_token_ids: list[int],
-                     params: SamplingParams) -> AsyncIterator[TokenOutput]:
+    async def stream(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                     resume_output_ids: Iterable[int] = ()) -> AsyncIterator[TokenOutput]:
         """Yield each TokenOutput of the request as it is produced. Leaving early (a client disconnect, a
         cancelled task) aborts the request, which frees its KV blocks at once."""
         queue: asyncio.Queue = asyncio.Queue()
-        self.add_request(request_id, prompt_token_ids, params)     # raises before anything is registered
+        self.add_request(request_id, prompt_token_ids, params, resume_output_ids)   # raises before registering
         self._streams[request_id] = queue
         if self._loop_task is None or self._loop_task.done():
             self._loop_task = asyncio.get_running_loop().create_task(self._run_loop())
@@ -177,6 +185,6 @@ class LLMEngine:
 
 def _queue_time(seq: Sequence, new: list[int]) -> float | None:
     """Arrival -> first scheduled, reported once: with the request's first generated token."""
-    if seq.first_scheduled_time is None or not new or seq.num_output_tokens != 1:
+    if seq.first_scheduled_time is None or not new or seq.num_output_tokens != seq.num_resumed_tokens + 1:
         return None
     return seq.first_scheduled_time - seq.arrival_time

@@ -8,6 +8,11 @@ from engine.sampling_params import SamplingParams
 
 @dataclasses.dataclass(frozen=True)
 class GenerateRequest:
+    """`resume_output_ids`: output tokens this request already produced and delivered (a continuation after its
+    replica or rank was lost; n == 1 only). The engine recomputes them with the prompt, counts them towards
+    max_tokens, min_tokens and stop strings, resumes the seeded random stream after them, and emits only new
+    tokens (usage still counts them all)."""
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
+    resume_output_ids: tuple[int, ...] = ()

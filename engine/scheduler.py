@@ -72,10 +72,12 @@ class Scheduler:
         if seq.seq_id in self._seq_ids:
             raise ValueError(f"seq_id {seq.seq_id} is already scheduled; sequence ids must be unique")
         if seq.num_tokens >= self.config.max_model_len:
+            resumed = f" (with {seq.num_output_tokens} resumed output tokens)" if seq.num_output_tokens else ""
             raise ValueError(
-                f"request {seq.request_id!r} has {seq.num_tokens} prompt tokens but max_model_len is "
+                f"request {seq.request_id!r} has {seq.num_tokens} prompt tokens{resumed} but max_model_len is "
                 f"{self.config.max_model_len}: the prompt must leave room for at least one generated token")
         self.stop_checker.validate(seq)
+        self.stop_checker.resume(seq)
         self.waiting.append(seq)
         self._by_request.setdefault(seq.request_id, []).append(seq)
         self._seq_ids.add(seq.seq_id)
@@ -162,8 +164,8 @@ class Scheduler:
                 break
             self.waiting.popleft()
             self.block_manager.allocate(seq, num_new, prefix)
-            if seq.num_preemptions == 0:
-                seq.num_cached_tokens = prefix.num_tokens
+            if seq.num_preemptions == 0:         # resumed output tokens found in the cache are not prompt tokens
+                seq.num_cached_tokens = min(prefix.num_tokens, seq.num_prompt_tokens)
                 seq.first_scheduled_time = time.monotonic()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)

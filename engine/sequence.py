@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import enum
 import time
+from collections.abc import Iterable
 
 from engine.sampling_params import SamplingParams
 
@@ -42,13 +43,17 @@ class Sequence:
     """
 
     def __init__(self, seq_id: int, request_id: str, prompt_token_ids: list[int],
-                 params: SamplingParams | None = None, arrival_time: float | None = None) -> None:
+                 params: SamplingParams | None = None, arrival_time: float | None = None,
+                 output_token_ids: Iterable[int] = ()) -> None:
+        """`output_token_ids`: tokens already generated elsewhere (a continuation); their KV is computed with the
+        prompt's, like a preempted sequence's."""
         if not prompt_token_ids:
             raise ValueError(f"request {request_id!r} has an empty prompt; at least one token id is needed")
         self.seq_id = seq_id
         self.request_id = request_id
         self.prompt_token_ids: list[int] = list(prompt_token_ids)
-        self.output_token_ids: list[int] = []
+        self.output_token_ids: list[int] = list(output_token_ids)
+        self.num_resumed_tokens = len(self.output_token_ids)   # of output_token_ids, generated before it came here
         self.params = params if params is not None else SamplingParams()
         self.status = SequenceStatus.WAITING
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time

@@ -40,6 +40,19 @@ class StopChecker:
             raise ValueError(f"request {seq.request_id!r} has stop strings {list(seq.params.stop)} but the "
                              "engine has no detokenizer; pass detokenize= to StopChecker or use stop_token_ids")
 
+    def resume(self, seq: Sequence) -> None:
+        """A continuation (output tokens already generated elsewhere): bring its stop-string text to where checks
+        after each of those tokens would have left it, so a stop string that straddles them and the next token
+        is caught, and one that lies wholly within them (passed over before min_tokens) is not matched again."""
+        if not seq.params.stop or not seq.output_token_ids:
+            return
+        assert self.detokenize is not None, "validate() rejects stop strings without a detokenizer"
+        state = IncrementalText()
+        setattr(seq, _STATE_ATTR, state)
+        ids = seq.output_token_ids
+        for end in range(1, len(ids) + 1):
+            seq.output_text = state.update(ids[:end], self.detokenize)[0]
+
     def check(self, seq: Sequence) -> bool:
         """Call after seq sampled a token; marks it finished (status, stop_reason) and returns True if so."""
         if self._check(seq):

@@ -17,12 +17,14 @@ from pydantic import BaseModel
 from engine.generate_request import GenerateRequest
 from deploy.api_errors import APIError, BadRequestError
 from deploy.harmony import HarmonyRenderError, RenderOptions, render_chat
+from deploy.harmony_grammar import harmony_structure
 from deploy.harmony_parser import HarmonyStreamParser, parse_completion
 from deploy.protocol import ChatCompletionRequest, to_sampling_params
 from deploy.protocol_outputs import (ChatCompletionChoice, ChatCompletionChunk, ChatCompletionChunkChoice,
                                      ChatCompletionLogprobs, ChatCompletionResponse, ChatCompletionTokenLogprob,
                                      ChatMessage, DeltaMessage, TopLogprob, UsageInfo, now, random_id)
 from deploy.serving_context import ServingContext
+from deploy.structured_outputs import final_constraint, requirements
 from engine.token_output import TokenOutput
 
 logger = logging.getLogger(__name__)
@@ -167,13 +169,17 @@ class GenerationPlan:
 
 # ---- chat completions ------------------------------------------------------------------------------------------
 def plan_chat_completion(ctx: ServingContext, req: ChatCompletionRequest) -> GenerationPlan:
+    final, section = final_constraint(req.response_format, req.structured_outputs_param(), "response_format")
+    output = requirements(req.tools or [], req.tool_choice, final, section)
     try:
-        options = RenderOptions(reasoning_effort=req.reasoning_effort or "medium", tools=req.effective_tools)
+        options = RenderOptions(reasoning_effort=req.reasoning_effort or "medium", tools=req.effective_tools,
+                                response_format=section)
         prompt_ids = render_chat(ctx.tokenizer, req.messages, options).token_ids
     except HarmonyRenderError as e:
         raise BadRequestError(str(e), param="messages") from None
     stop_ids = () if req.ignore_eos else ctx.tokenizer.harmony_stop_ids()
-    params = to_sampling_params(req, ctx.max_model_len, len(prompt_ids), stop_token_ids=stop_ids)
+    params = to_sampling_params(req, ctx.max_model_len, len(prompt_ids), stop_token_ids=stop_ids,
+                                structured=harmony_structure(ctx.tokenizer, output))
     response_id = random_id("chatcmpl")
 
     def body(results: dict[tuple[int, int], SequenceResult]) -> ChatCompletionResponse:

@@ -1,4 +1,5 @@
-"""/v1/completions: raw text or token-id prompts (no harmony), one backend request per prompt, text choices.
+"""/v1/completions: raw text or token-id prompts (no harmony), one backend request per prompt, text choices; with
+response_format or vLLM's structured outputs the whole generated text matches the constraint.
 
 Owns prompt tokenization, the completions-shaped logprobs and incremental detokenization for streaming. Stops on
 the model's end-of-sequence ids (ServingContext.eos_token_ids) plus the request's; the matched stop id is never
@@ -15,6 +16,7 @@ from deploy.chat_service import DONE, GenerationPlan, SequenceResult, StopHoldba
 from deploy.protocol import CompletionRequest, to_sampling_params
 from deploy.protocol_outputs import CompletionChoice, CompletionLogprobs, CompletionResponse, UsageInfo, now, random_id
 from deploy.serving_context import ServingContext
+from deploy.structured_outputs import completion_structure, final_constraint
 from engine.token_output import TokenOutput
 
 logger = logging.getLogger(__name__)
@@ -24,7 +26,10 @@ def plan_completion(ctx: ServingContext, req: CompletionRequest) -> GenerationPl
     """Choice index = prompt index * n + completion index, as OpenAI and vLLM number them."""
     prompts = [ctx.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in req.prompts()]
     stop_ids = () if req.ignore_eos else ctx.eos_token_ids
-    params = [to_sampling_params(req, ctx.max_model_len, len(ids), stop_token_ids=stop_ids) for ids in prompts]
+    final, _ = final_constraint(req.response_format, req.structured_outputs_param(), "response_format")
+    structured = completion_structure(ctx.tokenizer, final, stop_ids)      # the raw text itself is constrained
+    params = [to_sampling_params(req, ctx.max_model_len, len(ids), stop_token_ids=stop_ids, structured=structured)
+              for ids in prompts]
     response_id, n = random_id("cmpl"), params[0].n
     requests = [GenerateRequest(response_id if len(prompts) == 1 else f"{response_id}-{p}", ids, prm)
                 for p, (ids, prm) in enumerate(zip(prompts, params))]

@@ -35,6 +35,8 @@ class RenderOptions:
         at midnight; HF's chat template always writes today's date.
     instructions: developer instructions placed before any taken from leading system/developer messages
         (the Responses API's `instructions`).
+    response_format: the answer's JSON schema (deploy.structured_outputs.ResponseFormatSection: name, description,
+        schema), shown in the developer message's `# Response Formats` section as gpt-oss was trained to read it.
     """
 
     reasoning_effort: str = "medium"
@@ -43,6 +45,7 @@ class RenderOptions:
     knowledge_cutoff: str = DEFAULT_KNOWLEDGE_CUTOFF
     current_date: str | None = None
     instructions: str | None = None
+    response_format: Any = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tools", tuple(self.tools or ()))
@@ -68,8 +71,9 @@ def system_message_text(options: RenderOptions, has_function_tools: bool) -> str
     return "\n".join(head) + f"\n\nReasoning: {options.reasoning_effort}\n\n" + channels
 
 
-def developer_message_text(instructions: str | None, tools: tuple | list) -> str | None:
-    """`# Instructions\\n\\n...` then `# Tools\\n\\n## functions ...`; None when there is neither."""
+def developer_message_text(instructions: str | None, tools: tuple | list, response_format: Any = None) -> str | None:
+    """`# Instructions\\n\\n...`, `# Tools\\n\\n## functions ...`, `# Response Formats\\n\\n## name ...`; None when
+    there is none of them."""
     sections = []
     if instructions:
         sections.append(f"# Instructions\n\n{instructions}")
@@ -78,7 +82,17 @@ def developer_message_text(instructions: str | None, tools: tuple | list) -> str
             sections.append("# Tools\n\n" + render_functions_namespace(list(tools)))
         except ToolDefinitionError as e:
             raise HarmonyRenderError(str(e)) from None
+    if response_format is not None:
+        sections.append(response_formats_section(response_format))
     return "\n\n".join(sections) if sections else None
+
+
+def response_formats_section(fmt: Any) -> str:
+    """harmony's structured-output section: `# Response Formats`, `## {name}`, an optional `// {description}` line,
+    then the schema as compact JSON (the OpenAI cookbook's "Structured output")."""
+    comment = "".join(f"// {line}\n" for line in str(fmt.description or "").splitlines() if line.strip())
+    schema = json.dumps(fmt.schema, separators=(",", ":"), ensure_ascii=False)
+    return f"# Response Formats\n\n## {fmt.name}\n\n{comment}{schema}"
 
 
 class _PromptBuilder:
@@ -149,7 +163,8 @@ def render_chat(tokenizer, messages: list[Any], options: RenderOptions = RenderO
         start += 1
     prompt = _PromptBuilder(tokenizer)
     prompt.message("system", system_message_text(options, bool(options.tools)))
-    developer = developer_message_text("\n\n".join(i for i in instructions if i), options.tools)
+    developer = developer_message_text("\n\n".join(i for i in instructions if i), options.tools,
+                                       options.response_format)
     if developer is not None:
         prompt.message("developer", developer)
     _render_history(prompt, msgs[start:])

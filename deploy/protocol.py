@@ -6,27 +6,29 @@ API in responses_protocol.py, error bodies in api_errors.py.
 from __future__ import annotations
 
 import logging
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from deploy.api_errors import BadRequestError, context_length_error, prompt_too_long_error
+from deploy.request_fields import CHAT_FIELDS, COMPLETION_FIELDS, check_known_fields
+from deploy.structured_protocol import StructuredFields
 from engine.sampling_params import MAX_LOGPROBS, SamplingParams
+from engine.structured_output import StructuredOutput
 
 logger = logging.getLogger(__name__)
 
 # Decisions, documented for users:
-# - Unknown fields are accepted and ignored with a warning, as vLLM does, so OpenAI SDK `extra_body` keeps working.
-# - At most 8 stop strings (Ray Serve LLM's limit; OpenAI's own is 4, so every OpenAI-valid request passes).
-# - n at most 128 (OpenAI's limit); tool_choice "auto" or "none" only (gpt-oss picks its tools, as with vLLM).
+# - Fields OpenAI or vLLM define that are not modelled here are 400s unless their value means what this server does
+#   anyway (deploy/request_fields.py); fields nobody defines are accepted and ignored with a warning, as vLLM does.
+# - At most 8 stop strings (Ray Serve LLM's limit; OpenAI's own is 4, so every OpenAI-valid request passes); n <= 128.
 # - Sampling controls: presence/frequency penalties and logit_bias (OpenAI), repetition_penalty, min_p, min_tokens
 #   (vLLM extras), applied on the engine's device (engine/logits_shaper.py).
-# - Knobs the engine does not implement (echo, suffix, best_of != n, response_format other than text) are 400s
-#   rather than silently ignored.
+# - Structured outputs (response_format, vLLM's structured_outputs / guided_*) and tool_choice none / auto /
+#   required / a function / allowed_tools: deploy/structured_outputs.py, enforced by the sampler's token masks.
 MAX_STOP_SEQUENCES = 8
 MAX_N = 128
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
-TOOL_CHOICES = ("auto", "none")
 
 
 class OpenAIModel(BaseModel):
@@ -36,12 +38,16 @@ class OpenAIModel(BaseModel):
 
 
 class RequestModel(OpenAIModel):
-    """Top-level request bodies: unknown fields are accepted, logged and ignored."""
+    """Top-level request bodies: known fields not modelled are checked against `KNOWN_FIELDS`; unknown ones are
+    accepted, logged and ignored."""
+
+    KNOWN_FIELDS: ClassVar[dict[str, tuple | None]] = {}
 
     @model_validator(mode="after")
     def _warn_ignored(self):
-        if self.model_extra:
-            logger.warning("%s: ignoring unsupported fields %s", type(self).__name__, sorted(self.model_extra))
+        unknown = check_known_fields(self.KNOWN_FIELDS, self.model_extra or {})
+        if unknown:
+            logger.warning("%s: ignoring unknown fields %s", type(self).__name__, unknown)
         return self
 
     def ignored_fields(self) -> list[str]:
@@ -134,7 +140,7 @@ class ChatCompletionTool(OpenAIModel):
     function: FunctionDefinition
 
 
-class SamplingFields(RequestModel):
+class SamplingFields(StructuredFields, RequestModel):
     """Fields every generation request shares, with OpenAI's ranges (plus vLLM's extra_body knobs)."""
 
     model: str | None = None
@@ -196,6 +202,7 @@ class SamplingFields(RequestModel):
 
 
 class ChatCompletionRequest(SamplingFields):
+    KNOWN_FIELDS: ClassVar[dict[str, tuple | None]] = CHAT_FIELDS
     messages: list[ChatMessageInput] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
@@ -205,22 +212,11 @@ class ChatCompletionRequest(SamplingFields):
     tool_choice: str | dict | None = None
     parallel_tool_calls: bool | None = None
     reasoning_effort: Literal["low", "medium", "high"] | None = None
-    response_format: dict[str, Any] | None = None
-
-    @field_validator("tool_choice")
-    @classmethod
-    def _check_tool_choice(cls, choice):
-        if choice is None or choice in TOOL_CHOICES:
-            return choice
-        shown = repr(choice) if isinstance(choice, str) else "a named function"
-        raise ValueError(f"{shown} is not supported; use 'auto' or 'none' (gpt-oss chooses its tools)")
 
     @model_validator(mode="after")
     def _check_chat(self):
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs requires logprobs to be true")
-        if self.response_format and self.response_format.get("type") != "text":
-            raise ValueError(f"response_format {self.response_format.get('type')!r} is not supported; only 'text'")
         return self
 
     @property
@@ -239,6 +235,7 @@ Prompt = str | list[str] | list[int] | list[list[int]]
 
 
 class CompletionRequest(SamplingFields):
+    KNOWN_FIELDS: ClassVar[dict[str, tuple | None]] = COMPLETION_FIELDS
     prompt: Prompt
     max_tokens: int | None = Field(16, ge=1)   # OpenAI's and vLLM's default; null = whatever context is left
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
@@ -279,11 +276,13 @@ class CompletionRequest(SamplingFields):
 
 
 def to_sampling_params(request: Any, max_model_len: int, prompt_len: int,
-                       stop_token_ids: tuple[int, ...] | list[int] = ()) -> SamplingParams:
+                       stop_token_ids: tuple[int, ...] | list[int] = (),
+                       structured: StructuredOutput | None = None) -> SamplingParams:
     """Engine parameters for one prompt of `request` (chat, completion or Responses), or a BadRequestError (400).
 
     max_completion_tokens wins over max_tokens; without either, generation may fill the context the prompt leaves.
-    stop_token_ids (e.g. tokenizer.harmony_stop_ids() for chat) join any the request names itself.
+    stop_token_ids (e.g. tokenizer.harmony_stop_ids() for chat) join any the request names itself. `structured`:
+    the token automaton the output must follow (deploy/harmony_grammar.py, structured_outputs.py).
     """
     if prompt_len < 1:
         raise BadRequestError("the prompt is empty", param="messages")
@@ -298,6 +297,7 @@ def to_sampling_params(request: Any, max_model_len: int, prompt_len: int,
         max_tokens = requested
     ids = tuple(dict.fromkeys([*stop_token_ids, *(getattr(request, "stop_token_ids", None) or ())]))
     try:
-        return SamplingParams(max_tokens=max_tokens, stop_token_ids=ids, **request.sampling_kwargs())
+        return SamplingParams(max_tokens=max_tokens, stop_token_ids=ids, structured=structured,
+                              **request.sampling_kwargs())
     except ValueError as e:   # SamplingParams owns the invariants; a violation is the client's to fix
         raise BadRequestError(str(e)) from None

@@ -4,12 +4,14 @@ Owns the shapes only; reasoning streams as `response.reasoning_text.delta` (Open
 """
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from deploy.protocol import TOOL_CHOICES, OpenAIModel, RequestModel
+from deploy.protocol import OpenAIModel, RequestModel
 from deploy.protocol_outputs import now, random_id
+from deploy.request_fields import RESPONSES_FIELDS
+from deploy.structured_protocol import TextConfig
 
 # Stateless by design: `previous_response_id` and `background` are 400s and `store` is accepted but nothing is
 # stored, so any replica can answer any request (ANCHORS §4 #10: vLLM's per-replica store breaks behind a balancer).
@@ -30,6 +32,7 @@ class FunctionTool(OpenAIModel):
 
 
 class ResponsesRequest(RequestModel):
+    KNOWN_FIELDS: ClassVar[dict[str, tuple | None]] = RESPONSES_FIELDS
     model: str | None = None
     input: str | list[dict[str, Any]]
     instructions: str | None = None
@@ -39,8 +42,9 @@ class ResponsesRequest(RequestModel):
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     stream: bool | None = False
     tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict | None = None
+    tool_choice: str | dict | None = None       # checked with the tools (deploy/structured_outputs.py)
     parallel_tool_calls: bool | None = None
+    text: TextConfig | None = None
     store: bool | None = None
     previous_response_id: str | None = None
     background: bool | None = None
@@ -67,13 +71,6 @@ class ResponsesRequest(RequestModel):
             if tool.get("type") != "function":
                 raise ValueError(f"tool type {tool.get('type')!r} is not supported; only function tools are")
         return [FunctionTool.model_validate(t).model_dump(exclude_none=True) for t in tools] if tools else tools
-
-    @field_validator("tool_choice")
-    @classmethod
-    def _check_tool_choice(cls, choice):
-        if choice is None or choice in TOOL_CHOICES:
-            return choice
-        raise ValueError("tool_choice must be 'auto' or 'none' (gpt-oss chooses its tools)")
 
     @model_validator(mode="after")
     def _check_stateless(self):
@@ -181,7 +178,8 @@ class ResponseObject(BaseModel):
     top_p: float | None = None
     reasoning: ReasoningConfig | None = None
     tools: list[dict] = Field(default_factory=list)
-    tool_choice: str = "auto"
+    tool_choice: str | dict = "auto"
+    text: dict = Field(default_factory=lambda: {"format": {"type": "text"}})
     parallel_tool_calls: bool = False    # gpt-oss calls one tool per turn (it stops at <|call|>)
     store: bool = False
     metadata: dict[str, str] | None = None

@@ -14,6 +14,7 @@ from engine.generate_request import GenerateRequest
 from deploy.api_errors import APIError, BadRequestError
 from deploy.chat_service import GenerationPlan, SequenceResult, as_api_error, sse
 from deploy.harmony import HarmonyRenderError, RenderOptions, render_responses
+from deploy.harmony_grammar import harmony_structure
 from deploy.harmony_output import REASONING, HarmonyDelta, classify
 from deploy.harmony_parser import HarmonyStreamParser
 from deploy.protocol import to_sampling_params
@@ -24,20 +25,25 @@ from deploy.responses_protocol import (ContentPartEvent, ErrorEvent, FunctionCal
                                        ReasoningText, ResponseEvent, ResponseLifecycleEvent, ResponseObject,
                                        ResponsesRequest, ResponseUsage, TextDeltaEvent, TextDoneEvent)
 from deploy.serving_context import ServingContext
+from deploy.structured_outputs import final_constraint, requirements
 from engine.token_output import TokenOutput
 
 logger = logging.getLogger(__name__)
 
 
 def plan_response(ctx: ServingContext, req: ResponsesRequest) -> GenerationPlan:
+    text_format = req.text.format if req.text else None
+    final, section = final_constraint(text_format.as_response_format() if text_format else None, None, "text.format")
+    output = requirements(req.tools or [], req.tool_choice, final, section, responses=True)
     options = RenderOptions(reasoning_effort=req.reasoning_effort, tools=req.effective_tools,
-                            instructions=req.instructions)
+                            instructions=req.instructions, response_format=section)
     try:
         prompt_ids = render_responses(ctx.tokenizer, req.input, options).token_ids
     except HarmonyRenderError as e:
         raise BadRequestError(str(e), param="input") from None
     params = to_sampling_params(req, ctx.max_model_len, len(prompt_ids),
-                                stop_token_ids=ctx.tokenizer.harmony_stop_ids())
+                                stop_token_ids=ctx.tokenizer.harmony_stop_ids(),
+                                structured=harmony_structure(ctx.tokenizer, output))
     response_id = random_id("resp")
 
     def builder() -> ResponseBuilder:
@@ -45,8 +51,9 @@ def plan_response(ctx: ServingContext, req: ResponsesRequest) -> GenerationPlan:
             id=response_id, model=ctx.model_name, status="in_progress", instructions=req.instructions,
             max_output_tokens=req.max_output_tokens, temperature=req.temperature, top_p=req.top_p,
             reasoning=ReasoningConfig(effort=req.reasoning_effort, summary=req.reasoning and req.reasoning.summary),
-            tools=list(req.tools or []), tool_choice=req.tool_choice if isinstance(req.tool_choice, str) else "auto",
-            metadata=req.metadata)
+            tools=list(req.tools or []), tool_choice=req.tool_choice or "auto", metadata=req.metadata,
+            text={"format": text_format.model_dump(by_alias=True, exclude_none=True) if text_format
+                  else {"type": "text"}})
         return ResponseBuilder(ctx.tokenizer, response, len(prompt_ids))
 
     def body(results: dict[tuple[int, int], SequenceResult]) -> ResponseObject:

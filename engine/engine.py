@@ -87,6 +87,7 @@ class LLMEngine:
         if resumed and (params.n != 1 or len(resumed) >= params.max_tokens):
             raise ValueError(f"request {request_id!r}: a continuation needs n == 1 and fewer resumed tokens than "
                              f"max_tokens, got n={params.n}, {len(resumed)} of {params.max_tokens}")
+        self.sampler.prepare(params, vocab)      # structured output: its grammars compile off the step loop
         for i in range(params.n):
             # n > 1 with a seed: each completion gets its own seed, or all n would be identical.
             p = params if params.seed is None or i == 0 else dataclasses.replace(params, seed=params.seed + i)

@@ -30,7 +30,7 @@ class LogitsShaper:
                  histories: Seq[tuple[Seq[int], Seq[int]]] | None) -> torch.Tensor:
         """logits [B, V] (float32) -> a shaped copy; rows without controls are unchanged."""
         device, (B, V) = logits.device, logits.shape
-        rows = [i for i, p in enumerate(params) if p.shapes_logits]
+        rows = [i for i, p in enumerate(params) if p.has_controls]
         out = logits.clone()
         penalized = [i for i in rows if params[i].presence_penalty or params[i].frequency_penalty
                      or params[i].repetition_penalty != 1.0]

@@ -1,5 +1,5 @@
 """Turns a batch of next-token logits into token ids and logprobs: penalties and bias (engine/logits_shaper.py),
-greedy, temperature, top-k, top-p, min-p, seeds.
+structured output masks (engine/grammar_rows.py), greedy, temperature, top-k, top-p, min-p, seeds.
 
 Owns the randomness of generation; it knows nothing of sequences, stop rules or the model. Runs on
 whatever device the logits are on, with no host synchronisation before the final .tolist().
@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.grammar_rows import GrammarRows
 from engine.logits_shaper import LogitsShaper
 from engine.sampling_params import SamplingParams
 
@@ -79,22 +80,35 @@ class Sampler:
         self.eos_token_ids = tuple(eos_token_ids)       # masked with the stop ids while min_tokens is not reached
         self._shared: dict[torch.device, torch.Generator] = {}
         self._per_row: dict[torch.device, torch.Generator] = {}
+        self.grammars = GrammarRows()
+
+    def prepare(self, params: SamplingParams, vocab_size: int) -> None:
+        """When a request arrives: start compiling its structured output's grammars off the step loop; raises
+        ValueError for one this process cannot serve."""
+        if params.structured is not None:
+            self.grammars.prepare(params.structured, vocab_size)
 
     def __call__(self, logits: torch.Tensor, params: Seq[SamplingParams],
                  token_indices: Seq[int] | None = None,
                  histories: Seq[tuple[Seq[int], Seq[int]]] | None = None) -> SamplerOutput:
         """logits [B, V]; params[i] and token_indices[i] (the row's number of output tokens so far, default 0);
-        histories[i] = (prompt ids, output ids), needed only by rows whose params shape the logits (penalties)."""
+        histories[i] = (prompt ids, output ids), needed only by rows whose params shape the logits (penalties,
+        structured output: the output list itself, which the engine appends the sampled token to)."""
         if logits.dim() != 2 or logits.shape[0] != len(params):
             raise ValueError(f"expected logits [B, V] with B = {len(params)} rows, got {tuple(logits.shape)}")
         indices = list(token_indices) if token_indices is not None else [0] * len(params)
         logits = logits.float()                                                # [B, V]
         shaped = logits
-        if any(p.shapes_logits for p in params):
+        if any(p.has_controls for p in params):
             shaped = LogitsShaper(self.eos_token_ids)(logits, params, indices, histories)
+        constrained = []
+        if any(p.structured is not None for p in params):
+            shaped, constrained = self.grammars.mask(shaped, logits, params, indices, histories)
         token_ids = self._sample(shaped, params, indices)                      # [B]
         logprobs, top_logprobs = self._logprobs(logits, params, token_ids)
-        return SamplerOutput(token_ids=token_ids.tolist(), logprobs=logprobs, top_logprobs=top_logprobs)
+        ids = token_ids.tolist()
+        self.grammars.advance(constrained, ids)
+        return SamplerOutput(token_ids=ids, logprobs=logprobs, top_logprobs=top_logprobs)
 
     def _sample(self, logits: torch.Tensor, params: Seq[SamplingParams], indices: list[int]) -> torch.Tensor:
         device, num_vocab = logits.device, logits.shape[-1]

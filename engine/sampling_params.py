@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from engine.structured_output import StructuredOutput
+
 MAX_LOGPROBS = 20  # OpenAI's top_logprobs limit
 GREEDY_TEMPERATURE = 1e-5  # temperatures below this are greedy (dividing logits by them overflows); as in vLLM
 
@@ -34,7 +36,9 @@ class SamplingParams:
     min_p: drop tokens whose probability is below min_p x the top token's (after temperature; 0 = off).
     min_tokens: the stop token ids and end-of-sequence ids cannot be sampled, and stop strings do not end the
         request, before this many tokens were generated.
-    Penalties, bias and min_p change what is sampled (greedy included), never the reported raw logprobs.
+    structured: what the generated tokens must spell (engine/structured_output.py): a token mask per step, applied
+        after the controls above; a row they leave without any allowed token follows the structure alone.
+    Penalties, bias, min_p and structure change what is sampled (greedy included), never the reported raw logprobs.
     """
 
     temperature: float = 1.0
@@ -54,6 +58,7 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()
     min_p: float = 0.0
     min_tokens: int = 0
+    structured: StructuredOutput | None = None
 
     def __post_init__(self) -> None:
         # Lists are accepted for convenience and frozen into tuples so params stay hashable and immutable.
@@ -92,10 +97,18 @@ class SamplingParams:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
         if not 0 <= self.min_tokens <= self.max_tokens:
             raise ValueError(f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}")
+        if self.structured is not None and not isinstance(self.structured, StructuredOutput):
+            raise ValueError(f"structured must be a StructuredOutput or None, got {type(self.structured).__name__}")
 
     @property
     def shapes_logits(self) -> bool:
-        """Whether the sampler must change this row's logits beyond temperature/top-k/top-p."""
+        """Whether the sampler must change this row's logits beyond temperature/top-k/top-p (it then needs the
+        row's prompt and output ids)."""
+        return self.has_controls or self.structured is not None
+
+    @property
+    def has_controls(self) -> bool:
+        """Penalties, logit_bias, min_p or min_tokens (engine/logits_shaper.py and the sampler's min-p)."""
         return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
                     or self.logit_bias or self.min_p or self.min_tokens)
 

@@ -186,8 +186,8 @@ def test_disconnect_closes_the_backend_stream(tok, path, stream):
     """ASGI 2.3: the client's http.disconnect arrives while the backend is mid-generation."""
     backend = FakeBackend(tok, hang_after=3)
     app = make_app(make_ctx(backend, tok, tok.harmony_stop_ids()))
-    body = {"messages": USER, "prompt": ["a", "b"], "input": "Hi", "stream": stream}
-    sent = asyncio.run(asgi_call(app, path, body, disconnect=lambda _: backend.num_sent >= 3))
+    body = {CHAT: {"messages": USER}, COMPLETIONS: {"prompt": ["a", "b"]}, RESPONSES: {"input": "Hi"}}[path]
+    sent = asyncio.run(asgi_call(app, path, {**body, "stream": stream}, disconnect=lambda _: backend.num_sent >= 3))
     assert sorted(backend.closed) == sorted(r.request_id for r in backend.requests) != []
     assert sent[0]["status"] == (200 if stream else 499)
 

@@ -45,6 +45,14 @@ def test_unknown_fields_are_accepted_and_reported():
     assert req.ignored_fields() == ["frobnicate"]
 
 
+def test_known_fields_are_accepted_only_with_the_values_this_server_honours():
+    assert chat(store=False, skip_special_tokens=True, metadata={"k": "v"}, service_tier="auto").store is False
+    for field, value in [("store", True), ("skip_special_tokens", False), ("service_tier", "flex"),
+                         ("n", 2) if False else ("best_of", 3), ("chat_template", "{{x}}")]:
+        err = bad_request(ChatCompletionRequest, {"model": "m", "messages": USER, field: value})
+        assert f"{field}={value!r} is not supported" in err.message
+
+
 BAD_CHAT = [
     ({"temperature": 2.5}, "temperature"),
     ({"temperature": -0.1}, "temperature"),
@@ -53,8 +61,10 @@ BAD_CHAT = [
     ({"n": 1000}, "n"),
     ({"top_logprobs": 21, "logprobs": True}, "top_logprobs"),
     ({"top_logprobs": 2}, "top_logprobs requires logprobs"),
-    ({"tool_choice": "required"}, "'required' is not supported"),
-    ({"tool_choice": {"type": "function", "function": {"name": "f"}}}, "named function"),
+    ({"response_format": {"type": "yaml"}}, "response_format"),
+    ({"use_beam_search": True}, "use_beam_search=True is not supported"),
+    ({"audio": {"voice": "alloy"}}, "audio"),
+    ({"guided_json": {}, "structured_outputs": {"regex": "a"}}, "not both"),
     ({"stop": ["s"] * (MAX_STOP_SEQUENCES + 1)}, f"at most {MAX_STOP_SEQUENCES} stop sequences"),
     ({"stop": [""]}, "non-empty"),
     ({"messages": []}, "messages"),
@@ -156,7 +166,8 @@ def test_responses_request():
     for body, needle in [({"input": "x", "tools": [{"type": "web_search"}]}, "web_search"),
                          ({"input": "x", "previous_response_id": "resp_1"}, "stores no responses"),
                          ({"input": [{"type": "computer_call"}]}, "computer_call"), ({"input": []}, "non-empty"),
-                         ({"input": "x", "tool_choice": "required"}, "tool_choice")]:
+                         ({"input": "x", "conversation": "conv_1"}, "conversation"),
+                         ({"input": "x", "text": {"format": {"type": "json_schema", "name": "x"}}}, "schema")]:
         assert needle in bad_request(ResponsesRequest, body).message
 
 

@@ -16,7 +16,8 @@ VARIANTS = ("dequant", "dot_scaled")
 
 
 def mxfp4_grouped_linear(x: torch.Tensor, group_ends: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor,
-                         bias: torch.Tensor | None = None, variant: str = "dequant") -> torch.Tensor:
+                         bias: torch.Tensor | None = None, variant: str = "dequant",
+                         config: dict | None = None) -> torch.Tensor:
     """x [R, K] (fp32/bf16/fp16) whose rows are grouped by expert; group_ends int [E]: expert e owns rows
     [group_ends[e-1], group_ends[e]) (the `offs` of torch._grouped_mm), non-decreasing, group_ends[-1] <= R;
     blocks uint8 [E, N, G, 16], scales uint8 [E, N, G] (spec §3.4, "out x in"); bias [E, N] or None.
@@ -28,7 +29,7 @@ def mxfp4_grouped_linear(x: torch.Tensor, group_ends: torch.Tensor, blocks: torc
     variant "dequant": nibbles and scales decoded arithmetically in registers, then bf16/fp32 tl.dot (any dtype).
     variant "dot_scaled" (bf16 x only): the packed bytes and E8M0 scales go straight into tl.dot_scaled (e2m1), which
     Triton lowers natively where the hardware has MX formats and by upcasting elsewhere; which is faster on Hopper is
-    what bench/gpu_check.py measures.
+    what bench/gpu_check.py measures. `config` overrides block_config's tiles (bench/expert_kernel_sweep.py).
     """
     if not KERNEL_AVAILABLE:
         raise RuntimeError("mxfp4_grouped_linear needs the `triton` package; without it use the torch path "
@@ -48,7 +49,7 @@ def mxfp4_grouped_linear(x: torch.Tensor, group_ends: torch.Tensor, blocks: torc
     y = torch.empty(R, N, dtype=torch.float32 if interpreted else x.dtype, device=x.device)  # [R, N]
     if R == 0 or N == 0:
         return y.to(x.dtype)
-    cfg = block_config(R, E)
+    cfg = config or block_config(R, E, variant)
     # Tiles of BLOCK_M rows never straddle two groups. Groups are the E experts plus the tail [group_ends[-1], R);
     # sum_g ceil(n_g / M) <= sum_g floor(n_g / M) + #non-empty groups <= R // M + min(E + 1, R).
     grid = (R // cfg["BLOCK_M"] + min(E + 1, R), triton.cdiv(N, cfg["BLOCK_N"]))
@@ -66,12 +67,16 @@ def mxfp4_grouped_linear(x: torch.Tensor, group_ends: torch.Tensor, blocks: torc
     return y.to(x.dtype)
 
 
-def block_config(R: int, E: int) -> dict:
+def block_config(R: int, E: int, variant: str = "dequant") -> dict:
     """Tile sizes from shapes only (autotune-free). Decode (few rows per expert) is bound by reading the packed
-    weights: BLOCK_M 16 (tl.dot's minimum), narrow N tiles so that enough programs stream the weights, long K tiles
-    for 64-128-byte row segments. Prefill re-dequantises each weight tile once per BLOCK_M rows: larger M and N."""
+    weights: BLOCK_M 16 (tl.dot's minimum), N tiles narrow enough that enough programs stream the weights, long K
+    tiles for 64-128-byte row segments. Prefill re-dequantises each weight tile once per BLOCK_M rows: larger M and N.
+    dot_scaled at decode shapes: the best of bench/expert_kernel_sweep.py's 24 tiles on an H200 (2026-12-04, 20b
+    shapes): 1.4-2.0x the previous tiles at one token, 1.6x at 64 tokens."""
     rows_per_expert = R / max(E, 1)
     if rows_per_expert <= 16:
+        if variant == "dot_scaled":
+            return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=256 if R <= 64 else 128, num_warps=4, num_stages=3)
         return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=4)
     if rows_per_expert <= 64:
         return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3)

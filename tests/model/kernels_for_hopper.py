@@ -127,7 +127,7 @@ def mxfp4_launches():
     def run_scaled():
         blocks = torch.zeros(E, N, K // 32, 16, dtype=torch.uint8)
         scales = torch.zeros(E, N, K // 32, dtype=torch.uint8)
-        for R in (4, 8192):
+        for R in (4, 256, 8192):                                       # decode (two tiles), prefill
             mxfp4_kernel.mxfp4_grouped_linear(torch.zeros(R, K, dtype=bf16), torch.full((E,), R, dtype=torch.int32),
                                               blocks, scales, torch.zeros(E, N, dtype=bf16), variant="dot_scaled")
     launches, y = [], torch.empty(0, dtype=bf16)                       # CUDA launches write bf16 output

@@ -1,20 +1,26 @@
-"""`epserve bench ep`: decode step latency of an EP group at ep 2 against ep 1, same checkpoint, same run.
+"""`epserve bench ep`: the EP decode step at ep 2 against ep 1, the old (variable) and the new (fixed) dispatch side by
+side in one run.
 
-Method: a checkpoint big enough that expert compute is visible (written by model/tiny.py into a temp dir), a local
-Ray cluster, and for each ep size and batch size B: B requests with 16-token prompts are admitted and prefilled,
-then N decode steps are timed by the ranks, which step on their own (no Ray call on the step path, as in serving).
-Reported per B: median step ms at ep 1 and ep 2, their ratio, and the share of ep 2's step time spent inside the
-dispatch/combine all-to-alls (measured on the ranks). Prints one JSON line.
+Method (bench/ep_probe.py): a checkpoint big enough that expert compute is visible (written by model/tiny.py into a
+temp dir); two ranks as processes of a gloo group, each with an engine per dispatch path, rank 0 also with an ep 1
+engine; per batch size B, B requests with 16-token prompts are prefilled, then rounds of one ep 1 step (alone, on
+every core) and one step of each path are timed, so all three see the same machine load. Then, per path, what a
+decode step does is counted by instrumentation: collectives per MoE layer, host read-backs in the forward (the sync
+guard counting), step agreements, and dispatch/combine milliseconds with a barrier before each collective. Prints a
+table, then one JSON line whose "ep_decode" holds the new path's counts at ep 2 (the most over the batch sizes).
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
-import statistics
 import tempfile
 
 logger = logging.getLogger(__name__)
+PATHS = ("variable", "fixed")                  # old, new
+BATCHES = (1, 16, 64)
+TARGET_BATCH = 64
+COUNTS = ("collectives_per_moe_layer", "host_syncs_per_step")
 
 
 def _spec(quick: bool):
@@ -26,62 +32,53 @@ def _spec(quick: bool):
                     top_k=4, vocab=4096, sliding_window=128, shards=2)
 
 
-def _measure(group, batch: int, steps: int) -> tuple[float, float]:
-    """(median step seconds, mean all-to-all share of rank step time) over `steps` decode steps, as the ranks time
-    them (they step on their own: no Ray call on the step path). A step's time is its slowest rank's."""
-    from engine.sampling_params import SamplingParams
-    params = SamplingParams(temperature=0.0, max_tokens=steps + 4, ignore_eos=True)
-    prompts = [[(7 * i + j) % 1000 + 1 for j in range(16)] for i in range(batch)]
-    by_step: dict[int, list] = {}
-
-    def record(_, results) -> None:
-        for r in results:
-            if r.expert_counts is not None:
-                by_step.setdefault(r.step, []).append(r)
-    group.generate(prompts, params, on_results=record)
-    decode = sorted(by_step)[4:4 + steps]          # after prefill (16 tokens each fits one step budget) settles
-    times = [max(r.step_s for r in by_step[s]) for s in decode]
-    shares = [statistics.mean(r.all_to_all_s / r.step_s for r in by_step[s] if r.step_s > 0) for s in decode]
-    return statistics.median(times), statistics.mean(shares)
-
-
 def run(quick: bool = False) -> dict:
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    import ray
-
-    from cluster.ep_group import EPConfig, EPGroup
-    from engine.engine import EngineConfig
+    from bench.ep_probe import measure
     from model.tiny import write_tiny
-    spec, steps = _spec(quick), (5 if quick else 20)
-    batches = (1, 16, 64)
-    engine = EngineConfig(max_num_seqs=64, max_num_batched_tokens=1024, max_model_len=512, block_size=16)
-    own_ray = not ray.is_initialized()
-    if own_ray:
-        ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1",
-                 configure_logging=False)
-    results = {}
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            path = write_tiny(f"{tmp}/model", spec)
-            for ep in (1, 2):
-                group = EPGroup(str(path), EPConfig(ep_size=ep, collective_timeout_s=120), engine)
-                try:
-                    for b in batches:
-                        results[(ep, b)] = _measure(group, b, steps)
-                        logger.info("ep %d batch %d: %.2f ms/step", ep, b, results[(ep, b)][0] * 1e3)
-                finally:
-                    group.shutdown()
-    finally:
-        if own_ray:
-            ray.shutdown()
-    rows = [{"batch": b, "ep1_step_ms": round(results[(1, b)][0] * 1e3, 3),
-             "ep2_step_ms": round(results[(2, b)][0] * 1e3, 3),
-             "ep2_over_ep1": round(results[(2, b)][0] / results[(1, b)][0], 3),
-             "ep2_all_to_all_share": round(results[(2, b)][1], 3)} for b in batches]
+    spec, steps = _spec(quick), (8 if quick else 30)
+    with tempfile.TemporaryDirectory() as tmp:
+        found = measure(str(write_tiny(f"{tmp}/model", spec)), 2, BATCHES, steps)
+    rows = [{"batch": b, "ep1_step_ms": round(found[b]["ep1_step_ms"], 3),
+             **{d: _row(found[b]["ep1_step_ms"], found[b][d]) for d in PATHS}} for b in BATCHES]
+    old, new = (rows[BATCHES.index(TARGET_BATCH)][d]["ep2_over_ep1"] for d in PATHS)
     return {"bench": "ep", "quick": quick, "cpus": os.cpu_count(), "decode_steps": steps,
             "model": {"layers": spec.layers, "hidden": spec.hidden, "experts": spec.experts, "top_k": spec.top_k},
+            "ep_decode": {k: max(r["fixed"][k] for r in rows) for k in COUNTS},
+            "target": {"batch": TARGET_BATCH, "variable_ep2_over_ep1": old, "fixed_ep2_over_ep1": new,
+                       "reduction": round(1 - new / old, 3)},
             "results": rows}
 
 
+def _row(ep1_ms: float, path: dict) -> dict:
+    ep2_ms = path["ep2_step_ms"]
+    return {"ep2_step_ms": round(ep2_ms, 3), "ep2_over_ep1": round(ep2_ms / ep1_ms, 3),
+            **{k: _number(path[k]) for k in (*COUNTS, "step_agreements_per_step")},
+            "comm_ms_per_step": round(path["comm_ms_per_step"], 3),
+            "comm_share_of_ep2_step": round(path["comm_ms_per_step"] / ep2_ms, 3)}
+
+
+def _number(v: float) -> float | int:
+    return int(v) if float(v).is_integer() else round(v, 3)
+
+
+def table(report: dict) -> str:
+    head = ("batch", "path", "ep1 ms", "ep2 ms", "ep2/ep1", "coll/layer", "syncs/step", "agree/step", "comm ms",
+            "comm share")
+    lines = [" ".join(f"{h:>10}" for h in head)]
+    for row in report["results"]:
+        for d in PATHS:
+            r = row[d]
+            cells = (row["batch"], d, row["ep1_step_ms"], r["ep2_step_ms"], r["ep2_over_ep1"],
+                     r["collectives_per_moe_layer"], r["host_syncs_per_step"], r["step_agreements_per_step"],
+                     r["comm_ms_per_step"], f"{100 * r['comm_share_of_ep2_step']:.0f}%")
+            lines.append(" ".join(f"{c:>10}" for c in cells))
+    t = report["target"]
+    lines.append(f"batch {t['batch']}: ep2/ep1 {t['variable_ep2_over_ep1']} (variable) -> {t['fixed_ep2_over_ep1']} "
+                 f"(fixed), {100 * t['reduction']:.0f}% lower")
+    return "\n".join(lines)
+
+
 def main(quick: bool = False) -> None:
-    print(json.dumps(run(quick)))
+    report = run(quick)
+    print(table(report))
+    print(json.dumps(report))

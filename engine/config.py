@@ -123,7 +123,7 @@ class EngineConfig:
     enable_prefix_caching: bool = False
     enable_chunked_prefill: bool = True
     seed: int | None = None                 # seeds the shared generator of unseeded requests
-    cuda_graphs: bool = True                # decode steps as CUDA graphs (CUDA only; off for expert parallelism)
+    cuda_graphs: bool = True                # decode steps as CUDA graphs (CUDA only; EP ranks too)
 
     def __post_init__(self) -> None:
         if self.max_model_len is not None and self.max_model_len < 2:

@@ -3,8 +3,8 @@
 A decode step of N sequences replays the graph of the smallest captured size >= N: its DecodeMetadata buffers get
 the step's rows (the rest is padding), one host-to-device copy, one replay, logits [N, V] read from the graph's
 output. The model must be free of host synchronisation and data-dependent shapes on this path (DecodeMetadata,
-model/decode_attention.py, the grouped expert paths); a backend that needs the host (expert parallelism's
-all-to-all with host-side split sizes) must not be captured (EngineConfig.cuda_graphs=False).
+model/decode_attention.py, the grouped expert paths, expert parallelism's fixed-capacity dispatch); a backend that
+needs the host (the variable-split all-to-all) must not be captured (EngineConfig.cuda_graphs=False).
 With capture=False the same static-buffer path runs eagerly (how CPU tests check everything but the capture).
 Legend: N=sequences of the step, S=captured size, V=vocab.
 """
@@ -51,10 +51,10 @@ class DecodeGraphs:
         return next(s for s in self.sizes if s >= num_rows)
 
     @torch.no_grad()
-    def run(self, spans: list[SeqSpan], token_ids: list[int]) -> torch.Tensor:
+    def run(self, spans: list[SeqSpan], token_ids: list[int], size: int | None = None) -> torch.Tensor:
         """Decode rows (one token each) -> logits [N, V] fp32: a view of the graph's output, valid until the
-        next run (the sampler reads it first)."""
-        entry = self.entry(self.size_for(len(spans)))
+        next run (the sampler reads it first). `size`: the captured size to run (default the smallest that fits)."""
+        entry = self.entry(self.size_for(len(spans)) if size is None else size)
         entry.metadata.fill(spans, token_ids)
         if entry.graph is not None:
             entry.graph.replay()

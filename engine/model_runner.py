@@ -11,7 +11,7 @@ import torch
 
 from engine import config as engine_config
 from engine.config import CacheConfig
-from engine.decode_graphs import DecodeGraphs
+from engine.decode_graphs import DecodeGraphs, capture_sizes
 from engine.scheduled_batch import ScheduledBatch
 from model import paged_attention
 from model.decode_metadata import DecodeMetadata
@@ -40,7 +40,11 @@ def profile_forward(model: GptOssForCausalLM, device: torch.device, num_tokens: 
 class ModelRunner:
     """Decode-only steps (every row one token that samples) take the static-shape decode path: replayed CUDA
     graphs on CUDA when `cuda_graphs` (sizes up to max_num_seqs, captured at start), else DecodeMetadata eagerly.
-    Steps with prefill chunks take PagedMetadata."""
+    Steps with prefill chunks take PagedMetadata.
+    `peers`: set when this runner's forwards share collectives with other ranks' (expert parallelism): called before
+    every forward with its rows, it returns the rows all ranks agreed to run this step (>= ours, rounded up to one of
+    `graph_sizes` on CUDA whether or not this rank captured), and a decode step replays the graph of that size, so
+    every rank runs the same shapes."""
 
     def __init__(self, model: GptOssForCausalLM, cache_config: CacheConfig, device: torch.device | str,
                  max_num_seqs: int = 1, max_model_len: int = 1, cuda_graphs: bool = False):
@@ -48,16 +52,26 @@ class ModelRunner:
         self.device = torch.device(device)
         self.kv_cache = PagedKVCache(model.config, {g: cache_config.num_blocks(g) for g in cache_config.groups},
                                      cache_config.block_size, model.dtype, self.device)
+        self.max_num_seqs, self.max_model_len = max_num_seqs, max_model_len
         self.graphs = None
+        self.graph_sizes = capture_sizes(max_num_seqs) if self.device.type == "cuda" else []   # captured or not
+        self.peers = None
         if cuda_graphs and self.device.type == "cuda":
-            graphs = DecodeGraphs(model, self.kv_cache, max_num_seqs, max_model_len, self.device)
-            try:
-                graphs.capture_all()
-                self.graphs = graphs
-            except RuntimeError as e:       # a backend that syncs (e.g. an expert loop): decode eagerly instead
-                logger.warning("decode CUDA graphs disabled, capture failed: %s", str(e).splitlines()[0])
+            self.capture_graphs()
         self.forwards = 0                                   # forward passes run (EP ranks report it)
         self.last_rows = (0, 0, False)          # (rows the last forward saw, real rows first among them, graphed)
+        self.step_rows = 0                      # rows every rank runs this step (peers' agreement; else ours)
+
+    def capture_graphs(self) -> None:
+        """Capture the decode graphs of every size (again: EP ranks do it together after their group changed, since a
+        graph keeps its collectives' communicator and shapes); if capture fails, decode eagerly."""
+        self.graphs = None
+        graphs = DecodeGraphs(self.model, self.kv_cache, self.max_num_seqs, self.max_model_len, self.device)
+        try:
+            graphs.capture_all()
+            self.graphs = graphs
+        except RuntimeError as e:           # a backend that syncs (e.g. an expert loop): decode eagerly instead
+            logger.warning("decode CUDA graphs disabled, capture failed: %s", str(e).splitlines()[0])
 
     @torch.no_grad()
     def run(self, batch: ScheduledBatch) -> torch.Tensor:
@@ -65,6 +79,7 @@ class ModelRunner:
         self.forwards += 1
         spans = [SeqSpan(s.start_position, s.num_tokens, s.block_tables) for s in batch.seqs]
         self.last_rows = (batch.num_tokens, batch.num_tokens, False)
+        self.step_rows = batch.num_tokens if self.peers is None else self.peers(batch.num_tokens)
         if all(s.num_tokens == 1 and s.samples for s in batch.seqs):
             return self._decode(spans, batch.input_ids())
         metadata = PagedMetadata(self.kv_cache, spans, self.device)
@@ -80,9 +95,10 @@ class ModelRunner:
         return self.model.compute_logits(hidden)                                            # [R, V]
 
     def _decode(self, spans: list[SeqSpan], token_ids: list[int]) -> torch.Tensor:
-        if self.graphs is not None and len(spans) <= self.graphs.max_size:
-            self.last_rows = (self.graphs.size_for(len(spans)), len(spans), True)            # padded graph rows
-            return self.graphs.run(spans, token_ids)                                        # [N, V]
+        if self.graphs is not None and self.step_rows <= self.graphs.max_size:
+            size = self.graphs.size_for(self.step_rows)                                     # padded graph rows
+            self.last_rows = (size, len(spans), True)
+            return self.graphs.run(spans, token_ids, size)                                  # [N, V]
         metadata = DecodeMetadata.for_step(self.kv_cache, spans, token_ids, self.device)
         hidden = self.model(metadata.input_ids, metadata.positions, metadata)               # [N, H]
         return self.model.compute_logits(hidden)                                            # [N, V]

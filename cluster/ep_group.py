@@ -2,9 +2,11 @@
 
 Owns request -> rank assignment (data-parallel attention: each request lives on one rank), sending adds and aborts
 to the ranks (asynchronous, batched: one Ray call per rank per batch), reading every rank's stream of StepResults
-(one Ray item per rank per step, never one per token), failure detection (a dead or stuck rank fails the group with
-an error naming it, within the collective timeout), expert-load reporting and rebalancing. Never on the step path:
-the ranks step on their own. Used by the CLI directly and by the Serve ModelServer (cluster/replica.py).
+(one Ray item per rank per step, never one per token), expert-load reporting and rebalancing, and the group's
+membership: ranks are known by a worker id that survives regroups. A lost rank (dead, or stuck and killed) is
+handled by cluster/rank_recovery.py: the survivors regroup and continue the lost rank's requests, then a replacement
+brings the group back to full size; with `elastic=False` it fails the group with an error naming the rank. Never on
+the step path: the ranks step on their own. Used by the CLI directly and by the Serve ModelServer (cluster/replica.py).
 """
 from __future__ import annotations
 
@@ -13,13 +15,17 @@ import itertools
 import logging
 import queue
 import threading
+import time
 
 import ray
-import torch
 from ray.exceptions import RayActorError
 
-from cluster.ep_worker import EPWorker, StepResult
-from cluster.placement import group_placement, on_bundle, rank_bundle
+from cluster.ep_worker import StepResult
+from cluster.load_report import LoadReport
+from cluster.rank_actors import RankActors
+from cluster.rank_loop import RankBroken
+from cluster.rank_recovery import PROBE_TIMEOUT_S, EPStepError, RankRecovery, short
+from cluster.request_book import RequestBook
 from cluster.router import ExpertRouter, RouterConfig
 from engine.engine import EngineConfig
 from engine.sampling_params import SamplingParams
@@ -27,8 +33,8 @@ from engine.token_output import TokenOutput
 from model.config import ModelConfig
 
 logger = logging.getLogger(__name__)
-PROBE_TIMEOUT_S = 3.0          # a rank that does not answer a ping within this is stuck
-_ids = itertools.count()
+_ids = itertools.count()                      # request ids of generate()
+__all__ = ["EPConfig", "EPGroup", "EPStepError"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -38,7 +44,10 @@ class EPConfig:
     placement_strategy: str = "PACK"          # PACK: one node when it fits (NVLink); SPREAD: across nodes
     device: str = "cpu"
     dtype: str = "float32"
-    collective_timeout_s: float = 60.0
+    collective_timeout_s: float = 60.0        # a collective (or a regroup's rendezvous) raises after this
+    probe_timeout_s: float = PROBE_TIMEOUT_S  # a rank silent this long that answers no ping is stuck: killed
+    elastic: bool = True                      # a lost rank: regroup the survivors (False: the group fails)
+    replace_lost_ranks: bool = True           # then start a replacement and regroup at full size
     rebalance_interval_steps: int = 1000      # 0: only on request
     window_steps: int = 1000                  # load statistics window of the router
     report_every_steps: int = 16              # expert counts batched into one router call
@@ -51,53 +60,58 @@ class EPConfig:
             raise ValueError(f"placement_strategy must be PACK or SPREAD, got {self.placement_strategy!r}")
         if self.experts not in ("auto", "dense", "packed"):
             raise ValueError(f"experts must be auto, dense or packed, got {self.experts!r}")
-
-
-class EPStepError(RuntimeError):
-    """The EP group failed (a rank died, hung or raised); the message names the rank. The group must be rebuilt."""
+        if self.collective_timeout_s <= 0 or self.probe_timeout_s <= 0:
+            raise ValueError("collective_timeout_s and probe_timeout_s must be > 0")
 
 
 class EPGroup:
     def __init__(self, model_dir: str, ep: EPConfig, engine: EngineConfig = EngineConfig(),
                  eos_token_ids: tuple[int, ...] = (), expert_metrics=None):
         cfg = ModelConfig.from_dir(model_dir)
-        self.ep, self.model_config = ep, cfg
+        self.ep, self.model_config, self.model_dir = ep, cfg, str(model_dir)
+        self.engine_config, self.eos_token_ids = engine, tuple(eos_token_ids)
+        self.metrics = expert_metrics              # monitoring.recorders.ExpertMetrics, or None
         self.num_steps = 0
+        self.epoch = 0                             # +1 at each regroup
         self.error: EPStepError | None = None
-        self._inbox: queue.Queue = queue.Queue()               # (rank, [StepResult] | the error its stream raised)
-        self._closed = False
-        self._last_check = 0                                   # step of the last periodic rebalance check
+        self.lost: list[tuple[str, str]] = []      # (request id, why): lost with a rank, could not continue
         self.router = ray.remote(ExpertRouter).options(num_cpus=0).remote(RouterConfig(
             num_layers=cfg.num_hidden_layers, num_experts=cfg.num_local_experts, ep_size=ep.ep_size,
             num_redundant=ep.redundant_experts, window_steps=ep.window_steps,
             rebalance_interval_steps=ep.rebalance_interval_steps), None, expert_metrics)
         self.placement_version, self.placement = ray.get(self.router.placement.remote())
-        pg, first = group_placement(ep.ep_size, ep.device, ep.placement_strategy)
-        self._own_pg = pg if first == 0 else None
-        worker = ray.remote(EPWorker)
-        bundle = rank_bundle(ep.device)
-        self.workers = [worker.options(scheduling_strategy=on_bundle(pg, first + r), num_cpus=bundle["CPU"],
-                                       num_gpus=bundle.get("GPU", 0), max_concurrency=4)
-                        .remote(r, ep.ep_size, str(model_dir), engine, ep.dtype, ep.device, tuple(eos_token_ids),
-                                ep.experts)
-                        for r in range(ep.ep_size)]
+        self.actors = RankActors(ep, self.model_dir, engine, self.eos_token_ids)
         self._lock = threading.Lock()
-        self._rank_of: dict[str, int] = {}
-        self._cost: dict[str, int] = {}
-        self._n_left: dict[str, int] = {}                      # completions of the request still running
-        self._load = [0] * ep.ep_size
-        self._counts: dict[int, torch.Tensor] = {}             # step -> [L, E] summed over the ranks so far
-        self._rank_step = [0] * ep.ep_size
-        self._pending: list[tuple[int, torch.Tensor]] = []
+        self.book = RequestBook()
+        self._held: list[tuple] | None = None      # while the membership changes: adds and aborts, in order
+        self.load = LoadReport(self.router, ep.report_every_steps, ep.rebalance_interval_steps)
+        first = self.actors.first_bundle
+        self.actors.members = [self.actors.spawn(first + r, r, ep.ep_size) for r in range(ep.ep_size)]
         host, port = ray.get(self.workers[0].rendezvous_address.remote())
         infos = self._setup(host, port)
         self.max_model_len = min(i["max_model_len"] for i in infos)
         self.nodes = [i["node"] for i in infos]
-        for rank, w in enumerate(self.workers):
-            stream = w.results.options(num_returns="streaming").remote()
-            threading.Thread(target=self._read, args=(rank, stream), name=f"ep-read-{rank}", daemon=True).start()
+        self.kv_cache_bytes = infos[0]["kv_cache_bytes"] if ep.device == "cuda" else None
+        for w, info in zip(self.members, infos):
+            self.actors.started(w, info)
+            self.book.add_worker(w)
+            self.actors.read(w)
+        self.load.reset(self.members, 0)
+        self.recovery = RankRecovery(self)
+        if self.metrics is not None:
+            self.metrics.on_ranks_ready()
         logger.info("EP group ready: %d ranks on %s (rendezvous %s:%d, %s), max_model_len %d", ep.ep_size,
                     ", ".join(self.nodes), host, port, ep.placement_strategy, self.max_model_len)
+
+    @property
+    def members(self) -> list[int]:
+        """Worker ids of the ranks in rank order."""
+        return self.actors.members
+
+    @property
+    def workers(self) -> list:
+        """The rank actors in rank order."""
+        return self.actors.workers
 
     def _setup(self, host: str, port: int) -> list[dict]:
         """Every rank joins, loads and starts; a rank that fails is named with its own error, not a secondary one."""
@@ -107,116 +121,137 @@ class EPGroup:
             try:
                 infos.append(ray.get(ref))
             except RayActorError as e:
-                failures.append(f"rank {rank} died during setup ({_short(e)})")
+                failures.append(f"rank {rank} died during setup ({short(e)})")
             except ray.exceptions.RayTaskError as e:
-                failures.append(f"rank {rank} failed during setup: {_short(e.cause or e)}")
+                failures.append(f"rank {rank} failed during setup: {short(e.cause or e)}")
         if failures:
             self.shutdown()
             raise EPStepError("EP group setup failed: " + "; ".join(failures))
         return infos
 
     # ---- requests (any thread) ----
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> int:
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> int | None:
         return self.add_requests([(request_id, prompt_token_ids, params)])[0]
 
-    def add_requests(self, requests: list[tuple[str, list[int], SamplingParams]]) -> list[int]:
-        """Queue requests on the ranks with the least outstanding work (tokens to prefill and to decode): one Ray
-        call per rank that gets any. Returns each request's rank. A request a rank refuses comes back in a
-        StepResult's `rejected`."""
-        batches: dict[int, list[tuple]] = {}
-        ranks = []
+    def add_requests(self, requests: list[tuple]) -> list[int | None]:
+        """Queue (request id, prompt ids, SamplingParams[, resumed output ids]) on the ranks with the least
+        outstanding work (tokens to prefill and to decode): one Ray call per rank that gets any. Returns each
+        request's rank (None: held while the group regroups, placed right after). A request a rank refuses comes
+        back in a StepResult's `rejected`."""
         with self._lock:
-            for request_id, prompt, params in requests:
-                rank = min(range(self.ep.ep_size), key=lambda r: (self._load[r], r))
-                cost = len(prompt) + params.n * params.max_tokens
-                self._rank_of[request_id], self._cost[request_id], self._n_left[request_id] = rank, cost, params.n
-                self._load[rank] += cost
-                batches.setdefault(rank, []).append(("add", request_id, prompt, params))
-                ranks.append(rank)
-        for rank, commands in batches.items():
-            self.workers[rank].submit.remote(commands)
-        return ranks
+            if self._held is not None:
+                self._held.extend(("add", *r) for r in requests)
+                return [None] * len(requests)
+            batches = self._place([("add", *r) for r in requests])
+        self._send(batches)
+        return [self.members.index(self.book.worker_of(r[0])) if r[0] in self.book else None for r in requests]
+
+    def _place(self, adds: list[tuple]) -> dict[int, list[tuple]]:
+        """Book each ("add", id, prompt, params[, resume]) on the least-loaded member (lock held)."""
+        batches: dict[int, list[tuple]] = {}
+        for command in adds:
+            request_id, prompt, params, *resume = command[1:]
+            worker = self.book.least_loaded(self.members)
+            self.book.add(request_id, prompt, params, resume[0] if resume else (), worker)
+            batches.setdefault(worker, []).append(command)
+        return batches
+
+    def _send(self, batches: dict[int, list[tuple]]) -> None:
+        for worker, commands in batches.items():
+            self.actors.handles[worker].submit.remote(commands)
 
     def abort(self, request_id: str) -> None:
         """Abort on its rank (frees its KV blocks there); its final outputs come back in a StepResult."""
         with self._lock:
-            rank = self._rank_of.get(request_id)
-        if rank is not None:
-            self.workers[rank].submit.remote([("abort", request_id)])
+            if self._held is not None:
+                self._held.append(("abort", request_id))
+                return
+            worker = self.book.aborted(request_id)
+        if worker is not None:
+            self.actors.handles[worker].submit.remote([("abort", request_id)])
+
+    def hold(self) -> None:
+        """Keep adds and aborts back while the membership changes (the caller holds the recovery lock)."""
+        with self._lock:
+            self._held = []
+
+    def release_held(self) -> None:
+        """Send what was held to the (new) members, in order."""
+        with self._lock:
+            held, self._held = self._held or [], None
+            batches = self._place([c for c in held if c[0] == "add"])
+            for command in (c for c in held if c[0] == "abort"):
+                worker = self.book.aborted(command[1])
+                if worker is not None:
+                    batches.setdefault(worker, []).append(command)
+        self._send(batches)
 
     # ---- results (one reader at a time) ----
     def results(self, timeout_s: float | None = None) -> list[StepResult]:
-        """StepResults of every rank that arrived since the last call, waiting up to `timeout_s` for the first.
-        Raises EPStepError (naming the failed rank) once any rank failed."""
+        """StepResults of every rank that arrived since the last call, waiting up to `timeout_s` for the first. A lost
+        rank is recovered from inside this call (the survivors wait meanwhile); raises EPStepError once the group
+        cannot continue (naming the failed rank)."""
         if self.error is not None:
             raise self.error
         try:
-            items = [self._inbox.get(timeout=timeout_s)]
+            items = [self.actors.inbox.get(timeout=timeout_s)]
         except queue.Empty:
             return []
-        while not self._inbox.empty():
-            items.append(self._inbox.get_nowait())
+        while not self.actors.inbox.empty():
+            items.append(self.actors.inbox.get_nowait())
         results = []
-        for rank, item in items:
-            if isinstance(item, BaseException):
-                self.error = EPStepError(f"EP group failed at step {self.num_steps}: {self._diagnose(rank, item)}")
-                logger.error("%s", self.error)
-                raise self.error
-            results.extend(item)
-        for r in results:
-            self._account(r)
-        self._report_counts()
+        for worker, batch in items:
+            for item in batch if isinstance(batch, list) else [batch]:
+                if worker in self.actors.dead or worker not in self.members:
+                    break                         # a lost rank's last words: its requests continue elsewhere
+                if isinstance(item, StepResult):
+                    self._account(worker, item)
+                    results.append(item)
+                elif not (isinstance(item, RankBroken) and item.epoch < self.epoch):     # else: already regrouped
+                    self._failed(worker, item)
+        step = self.load.report(check=not self.recovery.busy)
+        if step is not None:
+            with self.recovery.lock:                 # never a map of the old layout into a re-formed group
+                self._broadcast(ray.get(self.router.maybe_rebalance.remote(step)))
         return results
 
-    def _read(self, rank: int, stream) -> None:
-        try:
-            for ref in stream:
-                self._inbox.put((rank, ray.get(ref)))
-            if not self._closed:
-                raise EPStepError(f"rank {rank}'s result stream ended")
-        except Exception as e:                    # noqa: BLE001  (handed to the reader of results())
-            if not self._closed:
-                self._inbox.put((rank, e))
+    def _failed(self, worker: int, error) -> None:
+        if self.ep.elastic and self.ep.ep_size > 1:
+            self.recovery.recover(worker, error)
+            return
+        rank = self.actors.rank_of(worker)
+        why = error.error if isinstance(error, RankBroken) else error
+        self.error = EPStepError(f"EP group failed at step {self.num_steps}: {self.recovery.diagnose(rank, why)}")
+        logger.error("%s", self.error)
+        raise self.error
 
-    def _account(self, r: StepResult) -> None:
-        self.num_steps = max(self.num_steps, r.step)
+    def _account(self, worker: int, r: StepResult) -> None:
         with self._lock:
-            for out in r.outputs:
-                if out.finished and out.request_id in self._n_left:
-                    self._n_left[out.request_id] -= 1
-                    if self._n_left[out.request_id] == 0:
-                        self._release(out.request_id)
+            self.num_steps = max(self.num_steps, r.step)
+            self.book.on_outputs(r.outputs)
             for request_id, _ in r.rejected:
-                if request_id in self._rank_of:
-                    self._release(request_id)
-        if r.expert_counts is not None:
-            self._counts[r.step] = self._counts.get(r.step, 0) + r.expert_counts
-            self._rank_step[r.rank] = r.step
+                self.book.release(request_id)
+        if r.expert_counts is not None and r.epoch == self.epoch:         # steps of an older group: not counted
+            self.load.add(worker, r.step, r.expert_counts)
 
-    def _report_counts(self) -> None:
-        """Steps every rank has reported go to the router in order, batched; rebalance every interval."""
-        done = min(self._rank_step)
-        for step in sorted(s for s in self._counts if s <= done):
-            self._pending.append((step, self._counts.pop(step)))
-        if len(self._pending) >= self.ep.report_every_steps:
-            self._flush_counts()
-        interval = self.ep.rebalance_interval_steps
-        if interval and done - self._last_check >= interval:
-            self._last_check = done
-            self._flush_counts()
-            self._broadcast(ray.get(self.router.maybe_rebalance.remote(done)))
-
-    def _release(self, request_id: str) -> None:
-        rank = self._rank_of.pop(request_id)
-        self._load[rank] -= self._cost.pop(request_id)
-        self._n_left.pop(request_id, None)
+    def adopt_members(self, members: list[int], epoch: int, step: int, version: int, placement) -> None:
+        """The group was re-formed: `members` by rank, from step `step` of `epoch` under `placement`. Counts of
+        steps not every old member reported are dropped."""
+        with self._lock:
+            self.actors.members, self.epoch = list(members), epoch
+            self.num_steps = max(self.num_steps, step)
+            self.placement_version, self.placement = version, placement
+            for w in members:
+                self.book.add_worker(w)
+        self.load.reset(members, step)
 
     # ---- expert placement ----
     def rebalance(self) -> int:
         """Recompute the placement from the load window now and send it to the ranks (applied by all of them in
         the same step); returns the number of expert slots whose expert changes."""
-        self._flush_counts()
-        return self._broadcast(ray.get(self.router.rebalance.remote()))
+        self.load.flush()
+        with self.recovery.lock:
+            return self._broadcast(ray.get(self.router.rebalance.remote()))
 
     def _broadcast(self, placement) -> int:
         if placement is None or placement == self.placement:
@@ -229,30 +264,6 @@ class EPGroup:
         logger.info("expert placement v%d sent to the ranks: %d slots change", version, moved)
         return moved
 
-    def _flush_counts(self) -> None:
-        if self._pending:
-            self.router.record_many.remote(self._pending)
-            self._pending = []
-
-    # ---- failures ----
-    def _diagnose(self, rank: int, error: BaseException) -> str:
-        """Which rank is at fault: ping every rank (a dead one raises, a stuck one does not answer), then add the
-        error the reporting rank saw."""
-        refs = [w.ping.remote() for w in self.workers]
-        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=PROBE_TIMEOUT_S)
-        problems = []
-        for r, ref in enumerate(refs):
-            if ref not in ready:
-                problems.append(f"rank {r} is stuck (no answer within {PROBE_TIMEOUT_S:.0f}s)")
-                continue
-            try:
-                ray.get(ref)
-            except Exception as e:          # noqa: BLE001
-                problems.append(f"rank {r} died ({type(e).__name__})")
-        if not any(p.startswith(f"rank {rank} ") for p in problems):
-            problems.append(f"rank {rank} raised {_short(error)}")
-        return "; ".join(problems)
-
     # ---- synchronous driver (CLI, tests, benchmarks) ----
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
                  on_results=None) -> list[list[TokenOutput]]:
@@ -263,15 +274,21 @@ class EPGroup:
         self.add_requests(list(zip(ids, prompts, params)))
         final: dict[tuple[str, int], TokenOutput] = {}
         wanted = sum(p.n for p in params)
+        patience = self.ep.collective_timeout_s + self.ep.probe_timeout_s + 5
+        progress, epoch = time.monotonic(), self.epoch
         while len(final) < wanted:
-            results = self.results(timeout_s=self.ep.collective_timeout_s + PROBE_TIMEOUT_S + 5)
-            if not results:
-                raise EPStepError(f"EP group produced nothing for {self.ep.collective_timeout_s:.0f}s+: "
-                                  f"{self._diagnose(0, TimeoutError('no results'))}")
+            results = self.results(timeout_s=patience)
+            if results or self.epoch != epoch:           # stepping, or just regrouped
+                progress, epoch = time.monotonic(), self.epoch
+            elif time.monotonic() - progress > patience:
+                raise EPStepError(f"EP group produced nothing for {patience:.0f}s: "
+                                  f"{self.recovery.diagnose(0, TimeoutError('no results'))}")
             for r in results:
                 if r.rejected:
                     raise ValueError(r.rejected[0][1])
                 final.update({(o.request_id, o.index): o for o in r.outputs if o.finished})
+            if self.lost:
+                raise EPStepError(f"request {self.lost[0][0]} was lost: {self.lost[0][1]}")
             if on_results is not None:
                 on_results(self, results)
         return [[final[(rid, i)] for i in range(p.n)] for rid, p in zip(ids, params)]
@@ -284,14 +301,5 @@ class EPGroup:
         return ray.get([w.num_expert_params.remote() for w in self.workers])
 
     def shutdown(self) -> None:
-        self._closed = True
-        for actor in self.workers + [self.router]:
-            ray.kill(actor)
-        if self._own_pg is not None:
-            ray.util.remove_placement_group(self._own_pg)
-
-
-def _short(e: BaseException) -> str:
-    """The last line of an error (a Ray task error carries the remote traceback before it), bounded."""
-    lines = str(e).strip().splitlines()
-    return (lines[-1] if lines else type(e).__name__)[:300]
+        self.actors.shutdown()
+        ray.kill(self.router)

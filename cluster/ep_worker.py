@@ -4,7 +4,9 @@ Owns a full LLMEngine for the sequences assigned to this rank (data-parallel att
 MoE layers are EPExperts over the group's process group, and drives it itself (cluster/rank_loop.py): requests and
 aborts arrive batched through `submit`, StepResults leave through the `results` stream, once per step. Every rank
 runs exactly one forward per step; a rank with nothing scheduled runs an empty one so that it still joins every
-collective. A threaded actor: `submit`, `ping` and `stats` answer while the loop thread steps.
+collective. A threaded actor: `submit`, `ping` and `stats` answer while the loop thread steps. When a peer is lost
+the loop parks and the rank joins the re-formed group (`regroup`, cluster/rank_regroup.py); a replacement rank is
+built by `prepare` and waits, parked, for the same call.
 A group of one rank holds every expert and needs no collective: its layers are CountedExperts over the process's
 own backend (packed MXFP4 on CUDA for MXFP4 checkpoints, else dense), and its decode steps may be CUDA graphs.
 """
@@ -13,17 +15,18 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import threading
 import time
 
 import torch
 
 from cluster.counted_experts import CountedExperts
 from cluster.ep_experts import EPExperts, EPStats
-from cluster.process_group import control_group, destroy_ep_group, free_port, init_ep_group
+from cluster.process_group import abort_ep_group, control_group, destroy_ep_group, free_port, init_ep_group
+from cluster.rank_regroup import RankRegroup, guard_commit
 from cluster.rank_loop import RankLoop
 from engine.engine import EngineConfig, LLMEngine
 from engine.token_output import TokenOutput
-from model.checkpoint import Checkpoint
 from model.config import ModelConfig
 from model.loader import expert_factory, load_model, packed_experts_chosen
 from model.moe import LocalExperts
@@ -45,6 +48,7 @@ class StepResult:
     kv_usage: float
     num_preemptions: int
     rejected: list[tuple[str, str]] = dataclasses.field(default_factory=list)   # (request id, why) never queued
+    epoch: int = 0                       # the group generation it was produced in (+1 at each regroup)
 
 
 def node_address() -> str:
@@ -69,7 +73,7 @@ def model_detokenizer(model_dir: str):
     return lambda ids: tokenizer.decode(ids, skip_special_tokens=False)
 
 
-class EPWorker:
+class EPWorker(RankRegroup):
     def __init__(self, rank: int, ep_size: int, model_dir: str, engine_config: EngineConfig,
                  dtype: str = "float32", device: str = "cpu", eos_token_ids: tuple[int, ...] = (),
                  experts: str = "auto"):
@@ -80,6 +84,11 @@ class EPWorker:
         self.engine: LLMEngine | None = None
         self.loop: RankLoop | None = None
         self.num_steps = 0
+        self.epoch = 0                       # the group's generation this rank last joined
+        self.single = ep_size == 1           # holds every expert, no collectives (a group of one never regroups)
+        self.timeout_s = 60.0
+        self._regroup_lock = threading.Lock()
+        self._aborted = False                # NCCL: the group was aborted under a running step (its tokens are void)
         self._rejected: list[tuple[str, str]] = []
         if self.device.type == "cpu":   # ranks share the host's cores: don't oversubscribe them
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // ep_size))
@@ -91,46 +100,69 @@ class EPWorker:
 
     def setup(self, master_addr: str, master_port: int, placement, timeout_s: float) -> dict:
         """Join the group, load this rank's weights, build its engine and start its step loop. Returns what the
-        replica needs to know: the engine's max_model_len, the node it runs on."""
-        backend = "nccl" if self.device.type == "cuda" else "gloo"
-        init_ep_group(self.rank, self.ep_size, master_addr, master_port, backend, timeout_s)
+        replica needs to know: the engine's max_model_len, the node it runs on, the KV cache bytes."""
+        self.timeout_s = timeout_s
+        init_ep_group(self.rank, self.ep_size, master_addr, master_port, self.backend, timeout_s)
+        info = self._build(placement, self.engine_config)
+        self._start_loop(parked=False)
+        return info
+
+    def prepare(self, placement, timeout_s: float, kv_cache_bytes: int | None) -> dict:
+        """A replacement rank: load the weights of this rank's slots under `placement` and build its engine (the KV
+        cache sized like its peers': a CUDA memory profile would need the group), without joining the group; its
+        loop waits, parked, for `regroup`."""
+        self.timeout_s = timeout_s
+        config = self.engine_config if kv_cache_bytes is None else \
+            dataclasses.replace(self.engine_config, kv_cache_bytes=kv_cache_bytes)
+        info = self._build(placement, dataclasses.replace(config, cuda_graphs=False))  # captured in the group
+        self._start_loop(parked=True)
+        return info
+
+    def _build(self, placement, engine_config: EngineConfig) -> dict:
         config = ModelConfig.from_dir(self.model_dir)
         self.stats = EPStats(config.num_hidden_layers, config.num_local_experts, self.device)
         self.placement = placement.to(self.device)
-        engine_config = self.engine_config
         if self.single:
             local = expert_factory(self.model_dir, self.dtype, self.device, self.experts_choice) or (
                 lambda _: LocalExperts(config, self.dtype))
             experts = lambda i: CountedExperts(local(i), i, self.stats)                    # noqa: E731
         else:
             packed = packed_experts_chosen(self.model_dir, self.device, self.experts_choice)
-            experts = lambda i: EPExperts(config, i, self.rank, self.ep_size, self.placement,  # noqa: E731
-                                          self.stats, self.dtype, packed=packed)
-            # No CUDA graphs: the all-to-all takes its split sizes from the host.
-            engine_config = dataclasses.replace(engine_config, cuda_graphs=False)
-        model = load_model(self.model_dir, self.dtype, self.device, experts=experts)
-        self.experts = [layer.mlp.experts for layer in model.model.layers]
-        self.engine = LLMEngine(model, engine_config, eos_token_ids=self.eos_token_ids,
+            self._make_experts = lambda i, p: EPExperts(config, i, self.rank, self.ep_size, p,  # noqa: E731
+                                                        self.stats, self.dtype, packed=packed)
+            experts = lambda i: self._make_experts(i, self.placement)                     # noqa: E731
+        self.model = load_model(self.model_dir, self.dtype, self.device, experts=experts)
+        self.experts = [layer.mlp.experts for layer in self.model.model.layers]
+        self.engine = LLMEngine(self.model, engine_config, eos_token_ids=self.eos_token_ids,
                                 detokenize=model_detokenizer(self.model_dir))
+        if self.backend == "nccl" and not self.single:
+            guard_commit(self.engine.scheduler, lambda: self._aborted)
+        import ray
+        return {"max_model_len": self.engine.max_model_len, "node": node_address(), "pid": os.getpid(),
+                "node_id": ray.get_runtime_context().get_node_id(), "kv_cache_bytes": self.engine.kv_budget.num_bytes}
+
+    def _start_loop(self, parked: bool) -> None:
+        control = control_group(self.backend, self.timeout_s) if not (self.single or parked) else None
+        if not self.single:              # the runner agrees each step's rows (static shapes: graphs on every rank)
+            self.stats.step.attach(self.engine.runner, control)
         self.loop = RankLoop(self.rank, self.ep_size, self._apply, self.engine.has_unfinished, self.step_once,
-                             self._apply_placement, control_group(backend, timeout_s) if not self.single else None)
+                             self._apply_placement, control, on_failure=abort_ep_group, parked=parked)
         self.loop.start()
-        return {"max_model_len": self.engine.max_model_len, "node": node_address()}
 
     @property
-    def single(self) -> bool:
-        """One rank holds every expert: no collectives."""
-        return self.ep_size == 1
+    def backend(self) -> str:
+        return "nccl" if self.device.type == "cuda" else "gloo"
 
     # ---- requests: commands arrive batched, from the replica, at any time ----
     def submit(self, commands: list[tuple]) -> None:
-        """("add", request_id, prompt ids, SamplingParams), ("abort", request_id), ("placement", version, map),
-        ("stop",): applied by the loop at its next step boundary."""
+        """("add", request_id, prompt ids, SamplingParams[, resumed output ids]), ("abort", request_id),
+        ("placement", version, map), ("stop",): applied by the loop at its next step boundary."""
         self.loop.submit(commands)
 
     def results(self):
-        """Streaming (Ray generator): lists of StepResults as the loop produces them, coalesced when the reader is
-        behind; ends with the loop's error (RankFailed, naming this rank) if it fails."""
+        """Streaming (Ray generator): lists of StepResults (and a RankBroken when a step failed) as the loop produces
+        them, coalesced when the reader is behind; ends with the loop's error (RankFailed, naming this rank) if the
+        loop itself fails."""
         while not self.loop.stopped or self.loop.error is not None:
             items = self.loop.take(timeout_s=1.0)
             if items:
@@ -142,9 +174,9 @@ class EPWorker:
 
     def _apply(self, command: tuple) -> None:
         if command[0] == "add":
-            _, request_id, prompt_ids, params = command
+            _, request_id, prompt_ids, params, *resume = command
             try:
-                self.engine.add_request(request_id, prompt_ids, params)
+                self.engine.add_request(request_id, prompt_ids, params, *resume)
             except ValueError as e:          # a request this engine can never serve: the replica reports it
                 self._rejected.append((request_id, str(e)))
         elif command[0] == "abort":
@@ -161,7 +193,7 @@ class EPWorker:
         outputs = self.engine.step()
         if runner.forwards == forwards and not self.single:
             self._empty_forward()
-        elif runner.forwards != forwards and self.single:
+        elif runner.forwards != forwards:                # counted after the step: graph padding rows never count
             for experts in self.experts:
                 experts.count(*runner.last_rows)
         self.num_steps += 1
@@ -172,11 +204,13 @@ class EPWorker:
         sched = self.engine.scheduler
         rejected, self._rejected = self._rejected, []
         return StepResult(self.rank, self.num_steps, outputs, counts, a2a, step_s, sched.num_running,
-                          sched.num_waiting, self.engine.block_manager.usage(), sched.num_preemptions, rejected)
+                          sched.num_waiting, self.engine.block_manager.usage(), sched.num_preemptions, rejected,
+                          self.epoch)
 
     @torch.no_grad()
     def _empty_forward(self) -> None:
         """Join every MoE layer's collectives with zero tokens (nothing scheduled on this rank)."""
+        self.stats.step.agree(0)
         H = self.engine.model.config.hidden_size
         t = torch.empty(0, H, dtype=self.dtype, device=self.device)
         ids = torch.empty(0, self.engine.model.config.num_experts_per_tok, dtype=torch.long, device=self.device)
@@ -191,15 +225,7 @@ class EPWorker:
         if self.single:                                  # every expert is here already: nothing moves
             self.placement = placement
             return 0
-        ckpt, moved = Checkpoint(self.model_dir), 0
-        for experts in self.experts:
-            old = experts.slot_experts()
-            experts.placement = placement
-            changed = [s for s, (a, b) in enumerate(zip(old, experts.slot_experts())) if a != b]
-            experts.load_from(ckpt, self.dtype, changed)
-            moved += len(changed)
-        self.placement = placement
-        return moved
+        return self._fit_experts(placement)
 
     # ---- introspection ----
     def stats(self) -> dict:
@@ -220,3 +246,4 @@ class EPWorker:
         if self.loop is not None:
             self.loop.submit([("stop",)])
         destroy_ep_group()
+

@@ -33,6 +33,9 @@ def init_ep_group(rank: int, world_size: int, master_addr: str, master_port: int
             os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     import deepspeed
     import deepspeed.comm  # noqa: F401  (binds deepspeed.comm.torch in sys.modules)
+    # Its functions take `group=group.WORLD` as a default, evaluated on import: imported after a group exists,
+    # they would hold that group forever, and a dropped group would never close its sockets (abort_ep_group).
+    import torch.distributed.nn.functional  # noqa: F401
     sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None   # skip the unused 40-55 s JIT build
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
                                timeout=datetime.timedelta(seconds=timeout_s), rank=rank, world_size=world_size)
@@ -41,6 +44,22 @@ def init_ep_group(rank: int, world_size: int, master_addr: str, master_port: int
 
 def destroy_ep_group() -> None:
     import torch.distributed as dist
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def abort_ep_group() -> None:
+    """Drop the group after a failed collective, at once, so peers blocked on this rank fail now instead of at their
+    timeout. Gloo closes its sockets only when the group object is freed: the caller must hold no reference to it
+    (a failed call's traceback does: clear its frames first). NCCL aborts its communicators (destroying them would
+    wait for the hung kernels). A new group can then be joined with init_ep_group (deepspeed.comm re-initialises
+    over it)."""
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        return
+    c10d = dist.distributed_c10d
+    if dist.get_backend() == "nccl" and hasattr(c10d, "_abort_process_group"):
+        c10d._abort_process_group()
     if dist.is_initialized():
         dist.destroy_process_group()
 

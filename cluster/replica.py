@@ -3,8 +3,10 @@
 The ranks step on their own; this sends them requests and aborts (batched: what arrives in one event-loop turn
 goes in one Ray call per rank) and runs one thread that reads the ranks' StepResults and hands each request its
 outputs through its RequestSink, all requests of a step together (a sink with a `channel` is flushed once per
-batch, so a gateway gets one message per step for all of its requests). A failed group (dead or stuck rank) marks
-the replica unhealthy and ends every in-flight request with the error, which names the rank.
+batch, so a gateway gets one message per step for all of its requests). A lost rank costs no request: the group
+regroups its survivors and continues that rank's requests there (cluster/rank_recovery.py), and their streams just
+go on. A group that cannot continue marks the replica unhealthy and ends every in-flight request with the error,
+which names the rank.
 """
 from __future__ import annotations
 
@@ -82,7 +84,8 @@ class ReplicaEngine:
         self._flush_scheduled = False
         adds, self._adds = self._adds, []
         if adds:
-            self.group.add_requests([(r.request_id, r.prompt_token_ids, r.params) for r in adds])
+            self.group.add_requests([(r.request_id, r.prompt_token_ids, r.params, r.resume_output_ids)
+                                     for r in adds])
 
     def check_health(self) -> None:
         if self.error is not None:
@@ -108,6 +111,19 @@ class ReplicaEngine:
                 return
             if results:
                 self._dispatch(results)
+            if self.group.lost:
+                self._fail_lost()
+
+    def _fail_lost(self) -> None:
+        """Requests lost with a rank that could not continue (n > 1 with tokens streamed) end with ReplicaUnhealthy."""
+        lost, self.group.lost = self.group.lost, []
+        with self._lock:
+            sinks = [(self._sinks.pop(rid, None), why) for rid, why in lost]
+            for rid, _ in lost:
+                self._left.pop(rid, None)
+        for sink, why in sinks:
+            if sink is not None:
+                sink.fail(ReplicaUnhealthy(why))
 
     def _dispatch(self, results) -> None:
         by_request: dict[str, list[TokenOutput]] = {}

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from cluster.expert_placement import ExpertPlacement, num_physical_slots, rebalance
+from cluster.survivor_placement import survivor_placement
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +50,8 @@ class ExpertRouter:
 
     The replica sums each step's per-expert token counts over its ranks and calls `record`/`record_many` (one actor
     call for several steps); between steps it asks `placement_if_newer` and applies a new map before the next step.
+    When the group loses ranks the map follows it (`shrink`: over the survivors, maybe more slots per rank); a
+    replacement brings it back to the configured size (`full_placement`, then `adopt`). The load window survives both.
     Arguments and results are tensors, lists, ints or ExpertPlacement (all picklable, all CPU).
     """
 
@@ -118,6 +121,30 @@ class ExpertRouter:
         self._last_check_step = step
         return self._adopt(self._proposal())
 
+    def shrink(self, survivors: list[int]) -> tuple[int, ExpertPlacement]:
+        """The group lost ranks: adopt a map over `survivors` (old rank ids in their new order) that covers every
+        expert (cluster/survivor_placement.py); returns (version, map)."""
+        return self.adopt(survivor_placement(self._placement, survivors))
+
+    def full_placement(self) -> ExpertPlacement:
+        """A fresh EPLB map at the configured size (ep_size, slots) from the load window (the initial map when the
+        window is empty); not adopted: the group adopts it when every rank has joined."""
+        c = self.config
+        if not bool(self._window_sum.any()):
+            return ExpertPlacement.initial(c.num_layers, c.num_experts, c.ep_size, c.num_redundant)
+        return rebalance(self._window_sum, c.ep_size, c.num_slots)
+
+    def adopt(self, placement: ExpertPlacement) -> tuple[int, ExpertPlacement]:
+        """Make `placement` current, whatever its layout (the group changed size); returns (version, map)."""
+        placement = placement.to("cpu")
+        if (placement.num_layers, placement.num_experts) != (self.config.num_layers, self.config.num_experts):
+            raise ValueError(f"placement of {placement.num_layers} layers x {placement.num_experts} experts, the "
+                             f"model has {self.config.num_layers} x {self.config.num_experts}")
+        self._placement, self._version = placement, self._version + 1
+        logger.info("expert placement v%d: %d ranks x %d slots", self._version, placement.ep_size,
+                    placement.slots_per_rank)
+        return self._version, self._placement
+
     def rebalance(self) -> ExpertPlacement:
         """Rebalance now from the window (on request) and return the current map, new or unchanged."""
         if not bool(self._window_sum.any()):
@@ -138,7 +165,8 @@ class ExpertRouter:
                 "last_moves": self._last_moves}
 
     def _proposal(self) -> ExpertPlacement:
-        return rebalance(self._window_sum, self.config.ep_size, self.config.num_slots, previous=self._placement)
+        p = self._placement                                        # its layout: smaller after a lost rank
+        return rebalance(self._window_sum, p.ep_size, p.num_slots, previous=p)
 
     def _adopt(self, new: ExpertPlacement) -> ExpertPlacement | None:
         """Make `new` current (version + 1) unless it equals the current map."""

@@ -87,13 +87,30 @@ BALANCEDNESS = MetricSpec("epserve_expert_balancedness", GAUGE,
                           _BASE + ("layer",))
 REBALANCES = MetricSpec("epserve_expert_rebalances", COUNTER, "Expert placements adopted by the router (EPLB).",
                         _BASE)
+RECOVERY_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 60.0, 120.0, 300.0)
+RANKS_LOST = MetricSpec("epserve_ep_ranks_lost", COUNTER,
+                        "EP ranks lost by a model replica: dead, or stuck and killed. The group went on with the "
+                        "survivors.", _BASE)
+RANK_RECOVERIES = MetricSpec("epserve_ep_recoveries", COUNTER,
+                             "Times a model replica's EP group regrouped its survivors after losing ranks.", _BASE)
+RECOVERY_TIME = MetricSpec("epserve_ep_recovery_seconds", HISTOGRAM,
+                           "From a lost rank's first failure report to the survivors stepping again in the new "
+                           "group (requests of the lost ranks continued on them).", _BASE, RECOVERY_BUCKETS)
+MISSING_RANKS = MetricSpec("epserve_ep_missing_ranks", GAUGE,
+                           "EP ranks a model replica is short of its configured size (0 once replacements joined).",
+                           _BASE)
+REQUESTS_MIGRATED = MetricSpec("epserve_requests_migrated", COUNTER,
+                               "Requests continued elsewhere from the tokens they had streamed: on surviving EP ranks "
+                               "(recorded by the model replica) or on another replica (by the gateway).", _BASE)
 ALL_METRICS: tuple[MetricSpec, ...] = (TTFT, ITL, E2E, QUEUE_TIME, REQUEST_SUCCESS, HTTP_ERRORS, PROMPT_TOKENS,
                                        GENERATION_TOKENS, RUNNING, WAITING, KV_USAGE, PREEMPTIONS, STEP_TIME,
-                                       ALL_TO_ALL, EXPERT_TOKENS, BALANCEDNESS, REBALANCES)
+                                       ALL_TO_ALL, EXPERT_TOKENS, BALANCEDNESS, REBALANCES, RANKS_LOST,
+                                       RANK_RECOVERIES, RECOVERY_TIME, MISSING_RANKS, REQUESTS_MIGRATED)
 
 
 # Counters Ray exports only after their first increment, i.e. once the event has happened at least once.
-ON_EVENT: tuple[MetricSpec, ...] = (HTTP_ERRORS, PREEMPTIONS, REBALANCES)
+ON_EVENT: tuple[MetricSpec, ...] = (HTTP_ERRORS, PREEMPTIONS, REBALANCES, RANKS_LOST, RANK_RECOVERIES,
+                                    REQUESTS_MIGRATED)
 
 
 def exported_series(prefix: str = RAY_PREFIX) -> frozenset[str]:

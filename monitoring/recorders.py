@@ -11,9 +11,9 @@ import time
 from collections.abc import Mapping
 
 from monitoring.metrics import (ALL_TO_ALL, BALANCEDNESS, E2E, EXPERT_TOKENS, GENERATION_TOKENS, HTTP_ERRORS,
-                                ITL, KV_USAGE, PREEMPTIONS, PROMPT_TOKENS, QUEUE_TIME, REBALANCES,
-                                REQUEST_SUCCESS, RUNNING, STEP_TIME, TTFT, WAITING, MetricSpec, default_sink,
-                                ident, label_value)
+                                ITL, KV_USAGE, MISSING_RANKS, PREEMPTIONS, PROMPT_TOKENS, QUEUE_TIME, RANK_RECOVERIES,
+                                RANKS_LOST, REBALANCES, RECOVERY_TIME, REQUEST_SUCCESS, REQUESTS_MIGRATED, RUNNING,
+                                STEP_TIME, TTFT, WAITING, MetricSpec, default_sink, ident, label_value)
 
 logger = logging.getLogger(__name__)
 _FAILED: set[str] = set()
@@ -61,6 +61,10 @@ class RequestMetrics(_Recorder):
         """A request without a timer answered with an error status (4xx/5xx). A timed request reports through
         RequestTimer.on_error, which counts it once however many layers report the same failure."""
         self._record(HTTP_ERRORS, 1, status_code=status_code)
+
+    def on_request_migrated(self) -> None:
+        """A stream whose model replica was lost continues on another replica."""
+        self._record(REQUESTS_MIGRATED, 1)
 
 
 class RequestTimer:
@@ -142,7 +146,8 @@ class EngineMetrics(_Recorder):
 
 
 class ExpertMetrics(_Recorder):
-    """Expert router side: per-(layer, expert) token counters, balancedness per layer, rebalances.
+    """Expert router side: per-(layer, expert) token counters, balancedness per layer, rebalances; and the EP group's
+    membership (its replica process): ranks lost, recoveries and their time, ranks missing, requests continued.
 
     Counts are summed here and pushed at most every `flush_interval_s` (a 120b replica has 36 x 128 counters)."""
 
@@ -153,6 +158,32 @@ class ExpertMetrics(_Recorder):
         self._last_flush = float("-inf")
         self._last_stats = float("-inf")
         self._rebalances = 0
+        self._missing = 0                  # ranks lost and not replaced yet
+
+    def on_ranks_ready(self) -> None:
+        """The group started with every rank (the missing-ranks gauge exists from the start, at 0)."""
+        self._missing = 0
+        self._record(MISSING_RANKS, 0)
+
+    def on_rank_lost(self, rank: int) -> None:
+        """Rank `rank` of the group was lost (dead, or stuck and killed)."""
+        self._record(RANKS_LOST, 1)
+        self._missing += 1
+        self._record(MISSING_RANKS, self._missing)
+
+    def on_recovery(self, seconds: float) -> None:
+        """The survivors stepped again, `seconds` after the loss was first reported."""
+        self._record(RANK_RECOVERIES, 1)
+        self._record(RECOVERY_TIME, max(0.0, seconds))
+
+    def on_rank_replaced(self, rank: int) -> None:
+        """A replacement joined the group as `rank`."""
+        self._missing = max(0, self._missing - 1)
+        self._record(MISSING_RANKS, self._missing)
+
+    def on_request_migrated(self) -> None:
+        """A request of a lost rank continues on a survivor."""
+        self._record(REQUESTS_MIGRATED, 1)
 
     def observe_counts(self, counts, now: float | None = None) -> None:
         """Token counts [L][E] of one or more steps (nested lists, or a tensor/array: anything with tolist())."""

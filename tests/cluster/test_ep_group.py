@@ -1,5 +1,6 @@
-"""Expert parallelism across Ray actors: EP 1 == 2 == 4, rebalancing changes no token, each rank holds only its
-share of experts, a dead rank fails the step quickly with an error naming it."""
+"""Expert parallelism across Ray actors: EP 1 == 2 == 4 on the 24 ragged prompts (the engine tests' set), with and
+without redundant experts and across a rebalance, each rank holds only its share of experts, a dead rank fails the
+step quickly with an error naming it."""
 import time
 
 import pytest
@@ -25,10 +26,12 @@ def checkpoints(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def prompts():
-    g = torch.Generator().manual_seed(9)
-    return [torch.randint(0, 1024, (n,), generator=g).tolist()
-            for n in (1, 3, 12, 17, 31, 40, 64, 100, 150, 200)]
+def prompts(ragged_prompts):
+    return ragged_prompts
+
+
+def local_tokens(path, prompts):
+    return [o[0].output_token_ids for o in LLMEngine(load_model(path), ENGINE).generate(prompts, GREEDY)]
 
 
 def run_group(group: EPGroup, prompts, params=GREEDY, on_results=None):
@@ -46,7 +49,7 @@ def rebalance_once_at(step: int, moved: list):
 @pytest.mark.parametrize("experts", [6, 8])
 def test_ep_1_2_4_give_identical_greedy_outputs(ray_cluster, checkpoints, prompts, experts):
     path = checkpoints[experts]
-    local = [o[0].output_token_ids for o in LLMEngine(load_model(path), ENGINE).generate(prompts, GREEDY)]
+    local = local_tokens(path, prompts)
     for ep_size in (1, 2, 4):
         group = EPGroup(str(path), EPConfig(ep_size=ep_size, collective_timeout_s=20), ENGINE)
         ran_on: set[int] = set()
@@ -71,9 +74,12 @@ def test_each_rank_holds_only_its_share_of_experts(ray_cluster, checkpoints):
     assert counts == [2 * per_expert] * 4            # ceil(6 / 4) = 2 slots per rank, never all 6 experts
 
 
-def test_rebalance_mid_generation_changes_no_token(ray_cluster, checkpoints, prompts):
+@pytest.mark.parametrize("ep_size", [2, 4])
+def test_redundant_experts_and_a_rebalance_mid_generation_change_no_token(ray_cluster, checkpoints, prompts,
+                                                                          ep_size):
     path = checkpoints[8]
-    config = EPConfig(ep_size=2, redundant_experts=2, rebalance_interval_steps=0, collective_timeout_s=20)
+    local = local_tokens(path, prompts)
+    config = EPConfig(ep_size=ep_size, redundant_experts=2, rebalance_interval_steps=0, collective_timeout_s=20)
     group = EPGroup(str(path), config, ENGINE)
     try:
         reference = run_group(group, prompts)
@@ -83,7 +89,7 @@ def test_rebalance_mid_generation_changes_no_token(ray_cluster, checkpoints, pro
         placement = ray_cluster.get(group.router.placement.remote())[1]
     finally:
         group.shutdown()
-    assert got == reference
+    assert reference == local and got == local
     assert moved and moved[0] > 0                     # weights really moved between ranks
     load = torch.as_tensor(stats["window_tokens"]).float()          # [L, E]
     for layer in range(load.shape[0]):
@@ -96,7 +102,7 @@ def test_packed_slots_give_the_local_tokens_and_survive_a_rebalance(ray_cluster,
     greedy tokens, a mid-generation rebalance reloads moved slots as packed bytes, each rank stores 17/32 byte per
     expert weight of its slots (plus biases), never a dense copy."""
     path = checkpoints[8]
-    local = [o[0].output_token_ids for o in LLMEngine(load_model(path), ENGINE).generate(prompts, GREEDY)]
+    local = local_tokens(path, prompts)
     config = EPConfig(ep_size=2, redundant_experts=2, rebalance_interval_steps=0, collective_timeout_s=20,
                       experts="packed")
     group = EPGroup(str(path), config, ENGINE)
@@ -116,7 +122,7 @@ def test_packed_slots_give_the_local_tokens_and_survive_a_rebalance(ray_cluster,
 
 
 def test_dead_rank_fails_the_group_quickly_and_names_it(ray_cluster, checkpoints, prompts):
-    group = EPGroup(str(checkpoints[8]), EPConfig(ep_size=2, collective_timeout_s=5), ENGINE)
+    group = EPGroup(str(checkpoints[8]), EPConfig(ep_size=2, collective_timeout_s=5, elastic=False), ENGINE)
     try:
         group.add_requests([(f"r{i}", p, SamplingParams(max_tokens=500, ignore_eos=True))
                             for i, p in enumerate(prompts[:6])])

@@ -61,7 +61,8 @@ def rules_of(path: Path, key: str) -> list[dict]:
 def test_every_alert_is_tested_firing_and_not_firing():
     alerts = {r["alert"] for r in rules_of(RULES[1], "alert")}
     assert alerts == {"EpserveTTFTHigh", "EpserveQueueGrowing", "EpserveKVCacheNearlyFull", "EpserveExpertImbalance",
-                      "EpserveReplicaUnhealthy", "EpserveNoHealthyReplica", "EpserveErrorRateHigh"}
+                      "EpserveReplicaUnhealthy", "EpserveNoHealthyReplica", "EpserveErrorRateHigh",
+                      "EpserveEPGroupDegraded"}
     firing, silent = set(), set()
     for test in yaml.safe_load(TESTS[1].read_text())["tests"]:
         for case in test.get("alert_rule_test", ()):

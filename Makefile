@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 
-.PHONY: venv test serve clean promtool
+.PHONY: venv test serve clean promtool redis-server
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +23,11 @@ venv: $(STAMP)
 promtool:
 	@command -v promtool >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus)
 
-test: venv promtool
+# redis-server (Debian's redis-server package) for the stored-Responses tests against Redis; tests start their own.
+redis-server:
+	@command -v redis-server >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server)
+
+test: venv promtool redis-server
 	$(PY) -m pytest -q tests
 
 # The OpenAI API on 127.0.0.1:8000 serving the bundled demo model (1 replica x 2 EP ranks, CPU). Ctrl-C stops it.

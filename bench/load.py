@@ -172,6 +172,11 @@ def run(args) -> dict:
     from bench.load_report import summarize, write_plot
     from monitoring.metrics import PrometheusSink
     from monitoring.recorders import RequestMetrics
+    if getattr(args, "workload", "poisson") == "multiturn":
+        from bench import multiturn
+        return multiturn.run(args)
+    if not args.url:
+        raise ValueError("--url is required (the server to load), except with --workload multiturn")
     config = LoadConfig(url=args.url, rate=args.rate, requests=args.requests, concurrency=args.concurrency,
                         model=args.model, api_key=args.api_key, seed=args.seed)
     registry = prometheus_client.CollectorRegistry()

@@ -10,10 +10,12 @@ from ray import serve
 from ray.serve import Application
 
 from cluster.placement import replica_bundle, serve_bundles
-from deploy.app_config import AppArgs
+from deploy.app_config import RAY_STORE, AppArgs
 from deploy.gateway import Gateway
 from deploy.model_paths import resolve_model_dir
 from deploy.model_server import ModelServer
+from deploy.prefix_router import router_options
+from deploy.response_store_ray import ResponseStoreReplica
 
 
 def gateway_replicas(args: AppArgs) -> int:
@@ -42,11 +44,22 @@ def build_app(args: dict) -> Application:
         max_queued_requests=app_args.max_queued_requests,
         health_check_period_s=5, health_check_timeout_s=app_args.collective_timeout_s + 30,
         graceful_shutdown_timeout_s=5, graceful_shutdown_wait_loop_s=1,
-        **scaling,
+        **scaling, **router_options(app_args),
     ).bind(dumped)
     gateway = serve.deployment(Gateway).options(
         name="Gateway", num_replicas=gateway_replicas(app_args), ray_actor_options={"num_cpus": 0},
         max_ongoing_requests=10 * app_args.max_ongoing_requests,
         graceful_shutdown_timeout_s=5, graceful_shutdown_wait_loop_s=1,
     )
-    return gateway.bind(server, dumped)
+    return gateway.bind(server, dumped, response_store(app_args))
+
+
+def response_store(args: AppArgs) -> Application | None:
+    """The ResponseStore deployment every gateway stores Responses in (response_store 'ray'): exactly one replica,
+    one store; None when they go to Redis."""
+    if args.response_store != RAY_STORE:
+        return None
+    return serve.deployment(ResponseStoreReplica).options(
+        name="ResponseStore", num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000,
+        graceful_shutdown_timeout_s=5, graceful_shutdown_wait_loop_s=1,
+    ).bind(args.response_store_max_entries, int(args.response_store_max_bytes), args.response_store_ttl_s)

@@ -6,12 +6,15 @@ Pydantic lives here, at the edge (STYLE.md); the engine and cluster receive plai
 from __future__ import annotations
 
 from typing import Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ByteSize, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, field_validator, model_validator
 
 from engine.config import DEFAULT_GPU_MEMORY_UTILIZATION, DEFAULT_KV_CACHE_MEMORY
 
 DEMO_MODEL = "demo"  # `model: demo` (the default) serves the bundled demo checkpoint
+RAY_STORE = "ray"    # `response_store: ray` (the default) keeps stored Responses in the app's ResponseStore deployment
+REDIS_SCHEMES = ("redis", "rediss", "unix")
 
 
 class AutoscalingArgs(BaseModel):
@@ -60,12 +63,32 @@ class AppArgs(BaseModel):
     kv_cache_bytes: ByteSize | None = Field(None, ge=1, description="exact KV cache bytes per EP rank for both pools; "
                                             "overrides kv_cache_memory and gpu_memory_utilization")
     enable_prefix_caching: bool = False
+    request_router: Literal["cache_aware", "power_of_two"] = Field(
+        "cache_aware", description="how the gateway picks a model replica: cache_aware (most prompt tokens cached "
+        "there, within a load bound; prompt_cache_key / user pin a conversation) or Serve's power_of_two")
     # -- gateway --
     max_ongoing_requests: int = Field(64, ge=1, description="requests in flight per replica")
     max_queued_requests: int = Field(128, ge=0, description="per-replica queue; beyond it: 429 + Retry-After")
     max_request_bytes: int = Field(1 << 20, ge=1024)
+    max_migrations: int = Field(3, ge=0, description="times a stream whose model replica is lost is continued on "
+                                "another replica (0: it fails with 503)")
+    response_store: str = Field(RAY_STORE, description="where stored Responses live: 'ray' (a ResponseStore "
+                                "deployment, in memory, shared by every gateway) or redis://HOST:PORT/DB")
+    response_store_max_entries: int = Field(10_000, ge=1, description="'ray' store: responses kept at most; the "
+                                            "least recently used go first")
+    response_store_max_bytes: ByteSize = Field(256 << 20, ge=1, description="'ray' store: JSON bytes kept at most, "
+                                               "e.g. 256MiB")
+    response_store_ttl_s: float = Field(30 * 86400, gt=0, description="a stored response expires this long after "
+                                        "it was created (default 30 days, as OpenAI)")
     api_keys: list[str] = Field(default_factory=list, description="accepted Bearer keys; empty: no auth")
     api_keys_env: str | None = Field(None, description="env var with comma-separated keys (a k8s Secret)")
+
+    @field_validator("response_store")
+    @classmethod
+    def _store_url(cls, value: str) -> str:
+        if value != RAY_STORE and urlsplit(value).scheme not in REDIS_SCHEMES:
+            raise ValueError(f"response_store must be 'ray' or a Redis URL (redis://HOST:PORT/DB), got {value!r}")
+        return value
 
     @model_validator(mode="after")
     def _consistent(self):

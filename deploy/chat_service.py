@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pydantic import BaseModel
 
 from engine.generate_request import GenerateRequest
+from deploy.session_key import session_key
 from deploy.api_errors import APIError, BadRequestError
 from deploy.harmony import HarmonyRenderError, RenderOptions, render_chat
 from deploy.harmony_grammar import harmony_structure
@@ -187,8 +188,8 @@ def plan_chat_completion(ctx: ServingContext, req: ChatCompletionRequest) -> Gen
         usage = UsageInfo.of(len(prompt_ids), sum(len(r.token_ids) for r in results.values()),
                              results[(0, 0)].num_cached_tokens)
         return ChatCompletionResponse(id=response_id, model=ctx.model_name, choices=choices, usage=usage)
-    return GenerationPlan([GenerateRequest(response_id, prompt_ids, params)], bool(req.stream),
-                          lambda outputs: _chat_events(ctx, req, response_id, len(prompt_ids), outputs), body)
+    return GenerationPlan([GenerateRequest(response_id, prompt_ids, params, routing_key=session_key(req))],
+                          bool(req.stream), lambda outputs: _chat_events(ctx, req, response_id, len(prompt_ids), outputs), body)
 
 
 def _choice(ctx: ServingContext, req: ChatCompletionRequest, index: int, seq: SequenceResult) -> ChatCompletionChoice:

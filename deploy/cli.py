@@ -122,6 +122,14 @@ def cmd_bench_serve(args) -> None:
         raise UserError(str(e)) from None
 
 
+def cmd_bench_chaos(args) -> None:
+    from bench import chaos
+    try:
+        chaos.run(args)
+    except ValueError as e:                    # a bad flag value
+        raise UserError(str(e)) from None
+
+
 EXPERTS_HELP = ("auto: MXFP4 experts stay packed (17/32 byte per weight; fused kernel on CUDA, a dequantising loop "
                 "on CPU), bf16 checkpoints dense; dense: expanded to the activation dtype; packed: as stored")
 
@@ -190,7 +198,12 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="benchmarks")
     bench = b.add_subparsers(dest="bench_command", required=True, parser_class=_Parser)
     ld = bench.add_parser("load", help="OpenAI-API load: Poisson arrivals, client-side TTFT/ITL/e2e percentiles")
-    ld.add_argument("--url", required=True, help="server root, e.g. http://127.0.0.1:8000")
+    ld.add_argument("--url", default=None, help="server root, e.g. http://127.0.0.1:8000 (poisson workload)")
+    ld.add_argument("--workload", choices=("poisson", "multiturn"), default="poisson",
+                    help="multiturn: starts `epserve serve` itself, cache-aware vs power-of-two routing side by side")
+    ld.add_argument("--serve-args", default=None, help="multiturn: `epserve serve` flags (default: --replicas 2 "
+                    "--ep-size 1 --enable-prefix-caching)")
+    ld.add_argument("--system-words", type=int, default=300, help="multiturn: words of each system prompt")
     ld.add_argument("--rate", type=float, default=4.0, help="mean request arrivals per second (Poisson)")
     ld.add_argument("--requests", type=int, default=32)
     ld.add_argument("--concurrency", type=int, default=8, help="requests in flight at most")
@@ -220,6 +233,24 @@ def build_parser() -> argparse.ArgumentParser:
                     "(repeatable), e.g. --serve-arg=--max-num-batched-tokens=1024")
     sv.add_argument("--out", default="bench-serve", help="directory for summary.json, serve_bench.png, serve.log")
     sv.set_defaults(func=cmd_bench_serve)
+    ch = bench.add_parser("chaos", help="steady streaming load on `epserve serve`, then a rank SIGKILL, a rank SIGSTOP "
+                                        "and a replica SIGKILL: failed and changed requests, token gaps, recovery")
+    ch.add_argument("model_dir", nargs="?", default="demo", help="checkpoint directory (default: the demo model)")
+    ch.add_argument("--ep-size", type=int, default=2)
+    ch.add_argument("--replicas", type=int, default=2, help="ModelServer replicas (a replica kill needs 2)")
+    ch.add_argument("--redundant-experts", type=int, default=0)
+    ch.add_argument("--streams", type=int, default=None, help="concurrent client streams (default 16)")
+    ch.add_argument("--max-tokens", type=int, default=None, help="tokens per request, EOS ignored (default 160)")
+    ch.add_argument("--steady-s", type=float, default=None, help="load before the first event (default 15)")
+    ch.add_argument("--settle-s", type=float, default=None, help="load after full size, before the next event "
+                    "(default 10)")
+    ch.add_argument("--recover-timeout-s", type=float, default=120.0, help="wait for full size per event")
+    ch.add_argument("--collective-timeout-s", type=float, default=10.0, help="passed to `epserve serve`")
+    ch.add_argument("--events", default="rank_kill,rank_stop,replica_kill", help="comma-separated, in order")
+    ch.add_argument("--quick", action="store_true", help="8 streams x 96 tokens, shorter phases")
+    ch.add_argument("--serve-arg", action="append", default=[], help="any other `epserve serve` flag, verbatim")
+    ch.add_argument("--out", default="bench-chaos", help="directory for summary.json, chaos.png, serve.log")
+    ch.set_defaults(func=cmd_bench_chaos)
     return p
 
 

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 
 from engine.generate_request import GenerateRequest
+from deploy.session_key import session_key
 from deploy.chat_service import DONE, GenerationPlan, SequenceResult, StopHoldback, ends_with_stop_id, sse, sse_error
 from deploy.protocol import CompletionRequest, to_sampling_params
 from deploy.protocol_outputs import CompletionChoice, CompletionLogprobs, CompletionResponse, UsageInfo, now, random_id
@@ -31,7 +32,8 @@ def plan_completion(ctx: ServingContext, req: CompletionRequest) -> GenerationPl
     params = [to_sampling_params(req, ctx.max_model_len, len(ids), stop_token_ids=stop_ids, structured=structured)
               for ids in prompts]
     response_id, n = random_id("cmpl"), params[0].n
-    requests = [GenerateRequest(response_id if len(prompts) == 1 else f"{response_id}-{p}", ids, prm)
+    requests = [GenerateRequest(response_id if len(prompts) == 1 else f"{response_id}-{p}", ids, prm,
+                                routing_key=session_key(req))
                 for p, (ids, prm) in enumerate(zip(prompts, params))]
     num_prompt_tokens = sum(len(ids) for ids in prompts)
 

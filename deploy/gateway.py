@@ -1,6 +1,7 @@
 """Gateway: the Serve ingress deployment. A FastAPI app with the OpenAI routes (deploy/openai_routes.py) whose
-ServingContext talks to the ModelServer deployment through its handle (Serve's router picks the replica); /health
-is ready once a ModelServer replica runs (deploy/serve_readiness.py).
+ServingContext talks to the ModelServer deployment through its handle (Serve's router picks the replica) and keeps
+stored Responses in the app's ResponseStore deployment (its handle) or in Redis; /health is ready once a ModelServer
+replica runs (deploy/serve_readiness.py).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from deploy.app_config import AppArgs
 from deploy.backend import ServeBackend
 from deploy.model_paths import resolve_model_dir, served_name
 from deploy.openai_routes import register_routes
+from deploy.response_store import open_response_store
 from deploy.serving_context import ServingContext
 from deploy.serve_readiness import ServeReadiness
 from deploy.tokenizer import Tokenizer, model_stop_ids
@@ -72,21 +74,23 @@ def api_keys(args: AppArgs) -> frozenset[str]:
 
 @serve.ingress(build_api)
 class Gateway:
-    def __init__(self, model_server, args: dict):
+    def __init__(self, model_server, args: dict, response_store=None):
         app_args = AppArgs.model_validate(args)
         model_dir = resolve_model_dir(app_args.model)
         tokenizer = Tokenizer.from_model_dir(model_dir)
         if tokenizer is None:
             raise UserError(f"{model_dir}: the gateway needs tokenizer.json to render chats")
         config = ModelConfig.from_dir(model_dir)
+        metrics = RequestMetrics(served_name(app_args.model, app_args.served_model_name), replica=current_replica_id())
         global _context
         _context = ctx = ServingContext(
-            backend=ServeBackend(model_server), tokenizer=tokenizer,
+            backend=ServeBackend(model_server, max_migrations=app_args.max_migrations,
+                                 on_migrate=lambda reason: metrics.on_request_migrated()), tokenizer=tokenizer,
             model_name=served_name(app_args.model, app_args.served_model_name),
             max_model_len=min(app_args.max_model_len or config.max_position_embeddings, config.max_position_embeddings),
             eos_token_ids=model_stop_ids(model_dir, tokenizer), api_keys=api_keys(app_args),
-            max_request_bytes=app_args.max_request_bytes, metrics=RequestMetrics(served_name(
-                app_args.model, app_args.served_model_name), replica=current_replica_id()),
-            readiness=ServeReadiness(model_server.app_name, model_server.deployment_name))
+            max_request_bytes=app_args.max_request_bytes, metrics=metrics,
+            readiness=ServeReadiness(model_server.app_name, model_server.deployment_name),
+            response_store=open_response_store(app_args, response_store))
         logger.info("gateway serving %s (max_model_len %d, auth %s)", ctx.model_name, ctx.max_model_len,
                     "on" if ctx.api_keys else "off")

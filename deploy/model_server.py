@@ -2,22 +2,25 @@
 
 Its placement group (from Serve's `placement_group_bundles`: its own bundle, then one per rank) holds the ranks.
 Sends each request's outputs to its gateway's token channel (deploy/token_channel.py), once per step for all of
-that gateway's requests. A failed EP group makes
-`check_health` raise so Serve replaces the replica while other replicas keep serving.
+that gateway's requests. A failed EP group ends the replica's process (and makes `check_health` raise) so Serve
+replaces the replica while other replicas keep serving and gateways move its streams there.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 
 from cluster.ep_group import EPConfig, EPGroup
 from cluster.replica import ReplicaEngine, ReplicaUnhealthy, RequestSink
 from engine.generate_request import GenerateRequest
 from deploy.app_config import AppArgs
 from deploy.model_paths import resolve_model_dir, served_name
+from deploy.routing_metrics import RoutingMetrics
 from deploy.token_channel import ChannelSender
 from deploy.tokenizer import Tokenizer, model_stop_ids
 from engine.engine import EngineConfig
+from engine.prefix_summary import PrefixSummary, prefix_report
 from engine.token_output import TokenOutput
 from monitoring.recorders import EngineMetrics, ExpertMetrics, current_replica_id
 
@@ -51,6 +54,7 @@ class ModelServer:
         group = EPGroup(str(model_dir), ep_config(app_args), engine_config(app_args), stop_ids,
                         expert_metrics=ExpertMetrics(name, replica=replica))
         self.engine = ReplicaEngine(group, metrics=EngineMetrics(name, replica=replica))
+        self._routing_metrics = RoutingMetrics(name, replica=replica)
         self._waiting: dict[tuple, set[asyncio.Future]] = {}
         self._senders: dict[tuple, ChannelSender] = {}
 
@@ -74,15 +78,28 @@ class ModelServer:
             left -= sum(o.finished for o in outputs)
             if left == 0:
                 sender.after_flush(lambda: loop.call_soon_threadsafe(resolve, sender.broken))
-        self.engine.submit(request, RequestSink(deliver, lambda e: loop.call_soon_threadsafe(resolve, e), sender))
+        try:
+            self.engine.submit(request, RequestSink(deliver, lambda e: loop.call_soon_threadsafe(resolve, e), sender))
+        except ReplicaUnhealthy:
+            self._leave()
+            raise
         self._waiting.setdefault(reply_to, set()).add(done)
         try:
             await done
-        except asyncio.CancelledError:
+        except BaseException:          # cancelled (the client left), or the channel broke: free its KV blocks
             self.engine.abort(request.request_id)
+            if self.engine.error is not None:
+                self._leave()
             raise
         finally:
             self._waiting[reply_to].discard(done)
+
+    def _leave(self) -> None:
+        """The EP group failed for good: exit the process now instead of at the next failed health check. Serve's
+        routers drop a dead replica at once (a failed one, with the shortest queue, would attract every new request
+        until then), the controller starts a replacement, and gateways continue this replica's streams elsewhere."""
+        logger.error("ModelServer replica exits: its EP group failed (%s)", self.engine.error)
+        os._exit(1)
 
     def _sender(self, reply_to: tuple[str, int, str]) -> ChannelSender:
         sender = self._senders.get(reply_to)
@@ -99,6 +116,25 @@ class ModelServer:
     def model_info(self) -> dict:
         """What the gateway needs from the engine: the max_model_len the ranks' KV cache allows."""
         return {"max_model_len": self.engine.max_model_len}
+
+    async def record_routing_stats(self) -> dict:
+        """Serve's routing stats, read by deploy/prefix_router.py: what the ranks' prefix caches hold (merged; none
+        without prefix caching), and requests in flight. Also records the ranks' prefix-cache query/hit counters."""
+        reports = await asyncio.gather(*(w.__ray_call__.remote(prefix_report) for w in self.engine.group.workers),
+                                       return_exceptions=True)
+        summaries = []
+        for rank, report in enumerate(reports):
+            if isinstance(report, BaseException):      # a rank being replaced: the others still count
+                continue
+            summary, queried, hit = report
+            self._routing_metrics.observe_rank(rank, queried, hit)
+            if summary is not None:
+                summaries.append(summary)
+        merged = PrefixSummary.merge(summaries)
+        stats = {"in_flight": self.engine.num_in_flight}
+        if merged is not None:
+            stats["prefix_summary"] = merged.to_wire()
+        return stats
 
     def check_health(self) -> None:
         self.engine.check_health()

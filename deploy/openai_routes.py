@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import inspect
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import suppress
@@ -28,8 +29,6 @@ from deploy.completion_service import plan_completion
 from deploy.json_body import read_json_object
 from deploy.protocol import ChatCompletionRequest, CompletionRequest
 from deploy.protocol_outputs import ModelCard, ModelList
-from deploy.responses_protocol import ResponsesRequest
-from deploy.responses_service import plan_response
 from deploy.serving_context import ServingContext
 
 logger = logging.getLogger(__name__)
@@ -43,8 +42,9 @@ def register_routes(api: FastAPI) -> None:
     api.add_api_route("/v1/models/{model_id:path}", retrieve_model, methods=["GET"])
     api.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"])
     api.add_api_route("/v1/completions", completions, methods=["POST"])
-    api.add_api_route("/v1/responses", responses, methods=["POST"])
-    from deploy.tokenize_routes import register_tokenize_routes      # it imports this module's helpers
+    from deploy.responses_routes import register_responses_routes   # they import this module's helpers
+    from deploy.tokenize_routes import register_tokenize_routes
+    register_responses_routes(api)
     register_tokenize_routes(api)
     api.add_exception_handler(HTTPException, _http_exception)
     api.add_exception_handler(RequestValidationError, _request_validation_error)
@@ -127,10 +127,6 @@ async def completions(request: Request) -> Response:
     return await _generate(request, CompletionRequest, plan_completion)
 
 
-async def responses(request: Request) -> Response:
-    return await _generate(request, ResponsesRequest, plan_response)
-
-
 def _model_card(ctx: ServingContext) -> ModelCard:
     return ModelCard(id=ctx.model_name, root=ctx.model_name, max_model_len=ctx.max_model_len)
 
@@ -165,7 +161,8 @@ async def _generate(request: Request, schema: type[BaseModel], plan: Callable) -
 
     async def run(ctx: ServingContext) -> Response:
         req = parse_request(schema, await read_json_object(request, ctx.max_request_bytes), ctx)
-        return await run_plan(request, ctx, plan(ctx, req), timer)
+        planned = plan(ctx, req)
+        return await run_plan(request, ctx, await planned if inspect.isawaitable(planned) else planned, timer)
     return await _guard(request, run, timer)
 
 
@@ -197,7 +194,8 @@ async def run_plan(request: Request, ctx: ServingContext, plan: GenerationPlan, 
     if timer is not None:
         outputs = _metered(outputs, timer)
     if not plan.stream:
-        return _json(plan.body(await until_disconnected(request, collect(outputs))))
+        body = plan.body(await until_disconnected(request, collect(outputs)))
+        return _json(await body if inspect.isawaitable(body) else body)
     # Wait for the first output before answering, so 400/429/503 from the backend are real HTTP statuses.
     first = await until_disconnected(request, anext(outputs))
 

@@ -13,8 +13,8 @@ from deploy.protocol_outputs import now, random_id
 from deploy.request_fields import RESPONSES_FIELDS
 from deploy.structured_protocol import TextConfig
 
-# Stateless by design: `previous_response_id` and `background` are 400s and `store` is accepted but nothing is
-# stored, so any replica can answer any request (ANCHORS §4 #10: vLLM's per-replica store breaks behind a balancer).
+# Stored responses live in a store every gateway replica shares (deploy/response_store.py), so any replica answers
+# any `previous_response_id` (ANCHORS §4 #10: vLLM's per-replica store breaks behind a balancer).
 INPUT_ITEM_TYPES = ("message", "reasoning", "function_call", "function_call_output")
 
 
@@ -45,8 +45,8 @@ class ResponsesRequest(RequestModel):
     tool_choice: str | dict | None = None       # checked with the tools (deploy/structured_outputs.py)
     parallel_tool_calls: bool | None = None
     text: TextConfig | None = None
-    store: bool | None = None
-    previous_response_id: str | None = None
+    store: bool | None = None                   # None: True, as OpenAI
+    previous_response_id: str | None = Field(None, min_length=1)
     background: bool | None = None
     metadata: dict[str, str] | None = None
     user: str | None = None
@@ -73,10 +73,7 @@ class ResponsesRequest(RequestModel):
         return [FunctionTool.model_validate(t).model_dump(exclude_none=True) for t in tools] if tools else tools
 
     @model_validator(mode="after")
-    def _check_stateless(self):
-        if self.previous_response_id:
-            raise ValueError("previous_response_id is not supported: this server stores no responses; "
-                             "send the whole conversation as input")
+    def _check_background(self):
         if self.background:
             raise ValueError("background responses are not supported")
         return self
@@ -181,7 +178,9 @@ class ResponseObject(BaseModel):
     tool_choice: str | dict = "auto"
     text: dict = Field(default_factory=lambda: {"format": {"type": "text"}})
     parallel_tool_calls: bool = False    # gpt-oss calls one tool per turn (it stops at <|call|>)
-    store: bool = False
+    previous_response_id: str | None = None
+    store: bool = False                  # whether it was stored (asked for, and the server has a store)
+    background: bool = False
     metadata: dict[str, str] | None = None
 
     @property
@@ -255,3 +254,18 @@ class ErrorEvent(ResponseEvent):
     code: str | None = None
     message: str
     param: str | None = None
+
+
+class InputItemList(BaseModel):
+    """GET /v1/responses/{id}/input_items: OpenAI's list object, one page of a response's input items."""
+    object: Literal["list"] = "list"
+    data: list[dict]
+    first_id: str | None = None
+    last_id: str | None = None
+    has_more: bool = False
+
+
+class DeletedResponse(BaseModel):
+    id: str
+    object: Literal["response"] = "response"
+    deleted: bool = True

@@ -1,16 +1,19 @@
-"""/v1/responses (OpenAI's Responses API) over harmony: plain and streamed, stateless, with real usage.
+"""/v1/responses (OpenAI's Responses API) over harmony: plain and streamed, with real usage, stored for
+`previous_response_id` and retrieval unless `store` is false.
 
 Owns the mapping of harmony messages onto output items (analysis -> reasoning item, final -> message item with
 output_text, commentary to=functions.* -> function_call item) and the streaming event order. One ResponseBuilder
-serves both paths, so a streamed response ends with exactly the object a plain request returns. Knows no HTTP.
+serves both paths, so a streamed response ends with exactly the object a plain request returns. A response is
+stored before its client learns it finished, so the next turn finds it whichever gateway it reaches. Knows no HTTP.
 """
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 
 from engine.generate_request import GenerateRequest
+from deploy.session_key import session_key
 from deploy.api_errors import APIError, BadRequestError
 from deploy.chat_service import GenerationPlan, SequenceResult, as_api_error, sse
 from deploy.harmony import HarmonyRenderError, RenderOptions, render_responses
@@ -19,6 +22,8 @@ from deploy.harmony_output import REASONING, HarmonyDelta, classify
 from deploy.harmony_parser import HarmonyStreamParser
 from deploy.protocol import to_sampling_params
 from deploy.protocol_outputs import random_id
+from deploy.response_conversation import conversation
+from deploy.response_store import StoredResponse
 from deploy.responses_protocol import (ContentPartEvent, ErrorEvent, FunctionCallArgumentsDeltaEvent,
                                        FunctionCallArgumentsDoneEvent, FunctionCallItem, IncompleteDetails,
                                        OutputItemEvent, OutputMessage, OutputText, ReasoningConfig, ReasoningItem,
@@ -31,20 +36,22 @@ from engine.token_output import TokenOutput
 logger = logging.getLogger(__name__)
 
 
-def plan_response(ctx: ServingContext, req: ResponsesRequest) -> GenerationPlan:
+async def plan_response(ctx: ServingContext, req: ResponsesRequest) -> GenerationPlan:
     text_format = req.text.format if req.text else None
     final, section = final_constraint(text_format.as_response_format() if text_format else None, None, "text.format")
     output = requirements(req.tools or [], req.tool_choice, final, section, responses=True)
     options = RenderOptions(reasoning_effort=req.reasoning_effort, tools=req.effective_tools,
                             instructions=req.instructions, response_format=section)
+    items = await conversation(ctx, req)
     try:
-        prompt_ids = render_responses(ctx.tokenizer, req.input, options).token_ids
+        prompt_ids = render_responses(ctx.tokenizer, items, options).token_ids
     except HarmonyRenderError as e:
         raise BadRequestError(str(e), param="input") from None
     params = to_sampling_params(req, ctx.max_model_len, len(prompt_ids),
                                 stop_token_ids=ctx.tokenizer.harmony_stop_ids(),
                                 structured=harmony_structure(ctx.tokenizer, output))
     response_id = random_id("resp")
+    store = ctx.response_store if req.store is not False else None
 
     def builder() -> ResponseBuilder:
         response = ResponseObject(
@@ -52,19 +59,25 @@ def plan_response(ctx: ServingContext, req: ResponsesRequest) -> GenerationPlan:
             max_output_tokens=req.max_output_tokens, temperature=req.temperature, top_p=req.top_p,
             reasoning=ReasoningConfig(effort=req.reasoning_effort, summary=req.reasoning and req.reasoning.summary),
             tools=list(req.tools or []), tool_choice=req.tool_choice or "auto", metadata=req.metadata,
+            previous_response_id=req.previous_response_id, store=store is not None,
             text={"format": text_format.model_dump(by_alias=True, exclude_none=True) if text_format
                   else {"type": "text"}})
         return ResponseBuilder(ctx.tokenizer, response, len(prompt_ids))
 
-    def body(results: dict[tuple[int, int], SequenceResult]) -> ResponseObject:
+    async def save(response: ResponseObject) -> None:
+        if store is not None:
+            await store.save(StoredResponse(response=response.model_dump(mode="json"), input_items=items))
+
+    async def body(results: dict[tuple[int, int], SequenceResult]) -> ResponseObject:
         seq, build = results[(0, 0)], builder()
         build.num_cached_tokens = seq.num_cached_tokens
         build.start()
         build.feed(seq.token_ids)
-        build.finish(seq.finish_reason)
+        build.settle(seq.finish_reason)
+        await save(build.response)
         return build.response
-    return GenerationPlan([GenerateRequest(response_id, prompt_ids, params)], bool(req.stream),
-                          lambda outputs: _response_events(builder(), outputs), body)
+    return GenerationPlan([GenerateRequest(response_id, prompt_ids, params, routing_key=session_key(req))],
+                          bool(req.stream), lambda outputs: _response_events(builder(), outputs, save), body)
 
 
 class ResponseBuilder:
@@ -99,17 +112,20 @@ class ResponseBuilder:
                 events += self._close("completed")
         return events
 
-    def finish(self, finish_reason: str | None) -> list[ResponseEvent]:
+    def settle(self, finish_reason: str | None) -> list[ResponseEvent]:
+        """Close the open item and set status and usage: the response is final, its last event not yet made."""
         complete = finish_reason == "stop"
         events = self._on_delta(self.parser.finish()) + self._close("completed" if complete else "incomplete")
         self.response.usage = ResponseUsage.of(self.num_prompt_tokens, self.num_output_tokens,
                                                self.num_reasoning_tokens, self.num_cached_tokens)
-        if complete:
-            self.response.status = "completed"
-            return events + [self._lifecycle("response.completed")]
-        self.response.status = "incomplete"
-        self.response.incomplete_details = IncompleteDetails(reason="max_output_tokens")
-        return events + [self._lifecycle("response.incomplete")]
+        self.response.status = "completed" if complete else "incomplete"
+        if not complete:
+            self.response.incomplete_details = IncompleteDetails(reason="max_output_tokens")
+        return events
+
+    def end(self) -> ResponseEvent:
+        """response.completed or response.incomplete, after settle."""
+        return self._lifecycle(f"response.{self.response.status}")
 
     def fail(self, error: APIError) -> list[ResponseEvent]:
         self.response.status = "failed"
@@ -195,10 +211,11 @@ class ResponseBuilder:
         return self._event(ResponseLifecycleEvent, type=kind, response=self.response.model_copy(deep=True))
 
 
-async def _response_events(builder: ResponseBuilder, outputs: AsyncIterator[tuple[int, TokenOutput]]
-                           ) -> AsyncIterator[str]:
-    """SSE `event: <type>` / `data: <json>` pairs; an error mid-stream is an `error` event then response.failed.
-    No `data: [DONE]`: OpenAI's Responses stream ends with its last event."""
+async def _response_events(builder: ResponseBuilder, outputs: AsyncIterator[tuple[int, TokenOutput]],
+                           save: Callable[[ResponseObject], Awaitable[None]]) -> AsyncIterator[str]:
+    """SSE `event: <type>` / `data: <json>` pairs; an error mid-stream (a failed save too) is an `error` event then
+    response.failed. The response is saved before its last event. No `data: [DONE]`: OpenAI's Responses stream ends
+    with its last event."""
     events = builder.start()
     try:
         async with aclosing(outputs):
@@ -206,7 +223,9 @@ async def _response_events(builder: ResponseBuilder, outputs: AsyncIterator[tupl
                 builder.num_cached_tokens = out.num_cached_tokens
                 events += builder.feed(out.new_token_ids)
                 if out.finished:
-                    events += builder.finish(out.finish_reason)
+                    events += builder.settle(out.finish_reason)
+                    await save(builder.response)
+                    events.append(builder.end())
                 for event in events:
                     yield sse(event.model_dump_json(), event=event.type)
                 events = []

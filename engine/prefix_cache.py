@@ -110,6 +110,19 @@ class PrefixCache:
         self._block_of[group][block_hash] = block_id
         self._hash_of[group][block_id] = block_hash
 
+    def cached_hashes(self, limit: int | None = None) -> list[bytes]:
+        """Hashes of the full-attention blocks the index holds, most recently registered last; at most `limit`
+        (the most recent). Safe to call from another thread while the engine steps (one atomic copy)."""
+        for _ in range(3):
+            try:
+                held = list(self._block_of[FULL])
+                break
+            except RuntimeError:           # the index changed size during the copy: try again
+                continue
+        else:
+            return []
+        return held if limit is None else held[-limit:]
+
     def lookup(self, group: str, block_hash: bytes) -> int | None:
         """The block holding this content in `group`, or None."""
         return self._block_of[group].get(block_hash)

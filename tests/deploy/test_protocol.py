@@ -164,7 +164,7 @@ def test_responses_request():
     assert (p.max_tokens, p.temperature, p.stop_token_ids) == (8, 0.2, (1, 2))
     assert ResponsesRequest(input="hi").reasoning_effort == "medium"
     for body, needle in [({"input": "x", "tools": [{"type": "web_search"}]}, "web_search"),
-                         ({"input": "x", "previous_response_id": "resp_1"}, "stores no responses"),
+                         ({"input": "x", "background": True}, "background"),
                          ({"input": [{"type": "computer_call"}]}, "computer_call"), ({"input": []}, "non-empty"),
                          ({"input": "x", "conversation": "conv_1"}, "conversation"),
                          ({"input": "x", "text": {"format": {"type": "json_schema", "name": "x"}}}, "schema")]:

@@ -123,8 +123,8 @@ def test_errors(fake):
     events = events_of(r.text)
     assert [k for k, _ in events[-2:]] == ["error", "response.failed"]
     assert events[-1][1]["response"]["status"] == "failed"
-    r = respond(client, previous_response_id="resp_1")
-    assert r.status_code == 400 and "previous_response_id" in r.json()["error"]["message"]
+    r = respond(client, background=True)
+    assert r.status_code == 400 and "background" in r.json()["error"]["message"]
     r = respond(client, input=[{"type": "function_call_output", "call_id": "nope", "output": "x"}])
     assert r.status_code == 400 and r.json()["error"]["param"] == "input"
 

@@ -23,6 +23,7 @@ from ray.exceptions import RayActorError
 from cluster.ep_worker import StepResult
 from cluster.load_report import LoadReport
 from cluster.rank_actors import RankActors
+from cluster.rank_affinity import RankAffinity
 from cluster.rank_loop import RankBroken
 from cluster.rank_recovery import PROBE_TIMEOUT_S, EPStepError, RankRecovery, short
 from cluster.request_book import RequestBook
@@ -83,6 +84,7 @@ class EPGroup:
         self.actors = RankActors(ep, self.model_dir, engine, self.eos_token_ids)
         self._lock = threading.Lock()
         self.book = RequestBook()
+        self.affinity = RankAffinity(engine.block_size) if engine.enable_prefix_caching and ep.ep_size > 1 else None
         self._held: list[tuple] | None = None      # while the membership changes: adds and aborts, in order
         self.load = LoadReport(self.router, ep.report_every_steps, ep.rebalance_interval_steps)
         first = self.actors.first_bundle
@@ -147,11 +149,17 @@ class EPGroup:
         return [self.members.index(self.book.worker_of(r[0])) if r[0] in self.book else None for r in requests]
 
     def _place(self, adds: list[tuple]) -> dict[int, list[tuple]]:
-        """Book each ("add", id, prompt, params[, resume]) on the least-loaded member (lock held)."""
+        """Book each ("add", id, prompt, params[, resume]) on the member holding most of its prompt's prefix (prefix
+        caching on; cluster/rank_affinity.py), else on the least-loaded one (lock held)."""
         batches: dict[int, list[tuple]] = {}
         for command in adds:
             request_id, prompt, params, *resume = command[1:]
-            worker = self.book.least_loaded(self.members)
+            worker = (self.affinity.choose(prompt, self.book.requests_on(self.members))
+                      if self.affinity is not None else None)
+            if worker is None:
+                worker = self.book.least_loaded(self.members)
+            if self.affinity is not None:
+                self.affinity.placed(worker, prompt)
             self.book.add(request_id, prompt, params, resume[0] if resume else (), worker)
             batches.setdefault(worker, []).append(command)
         return batches

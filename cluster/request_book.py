@@ -50,6 +50,14 @@ class RequestBook:
         """The worker with the least outstanding work (ties: the first in `workers`, i.e. the lowest rank)."""
         return min(workers, key=lambda w: self.load[w])
 
+    def requests_on(self, workers: list[int]) -> dict[int, int]:
+        """Requests booked on each of `workers` (unfinished)."""
+        count = dict.fromkeys(workers, 0)
+        for r in self._requests.values():
+            if r.worker in count:
+                count[r.worker] += 1
+        return count
+
     def add(self, request_id: str, prompt: list[int], params: SamplingParams, resume, worker: int) -> None:
         cost = len(prompt) + params.n * params.max_tokens
         self._requests[request_id] = BookedRequest(list(prompt), params, worker, cost, params.n, list(resume))

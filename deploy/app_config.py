@@ -44,7 +44,14 @@ class AppArgs(BaseModel):
     ep_size: int = Field(2, ge=1, description="ranks (GPUs) per replica; experts are sharded across them")
     redundant_experts: int = Field(0, ge=0, description="extra physical expert slots per layer for hot experts")
     placement_strategy: Literal["PACK", "SPREAD"] = "PACK"
-    collective_timeout_s: float = Field(60.0, gt=0, description="a dead or stuck rank fails the step after this")
+    collective_timeout_s: float = Field(60.0, gt=0, description="a collective (or a regroup's rendezvous) raises after "
+                                        "this; a dead rank's peers notice at once")
+    probe_timeout_s: float = Field(2.0, gt=0, description="a rank that answers no ping this long is stuck: killed, "
+                                   "then handled as lost")
+    elastic_ep: bool = Field(True, description="a lost rank: the survivors regroup and continue its requests "
+                             "(false: the replica fails and Serve replaces it)")
+    replace_lost_ranks: bool = Field(True, description="after a regroup, start a replacement rank and return to "
+                                     "full size")
     rebalance_interval_steps: int = Field(1000, ge=0, description="EPLB period in engine steps; 0 disables")
     # -- replicas --
     num_replicas: int = Field(1, ge=0)

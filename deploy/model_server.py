@@ -40,7 +40,8 @@ def ep_config(args: AppArgs) -> EPConfig:
     dtype = dtype_name(args.dtype, args.device)
     return EPConfig(ep_size=args.ep_size, redundant_experts=args.redundant_experts,
                     placement_strategy=args.placement_strategy, device=args.device, dtype=dtype,
-                    collective_timeout_s=args.collective_timeout_s,
+                    collective_timeout_s=args.collective_timeout_s, probe_timeout_s=args.probe_timeout_s,
+                    elastic=args.elastic_ep, replace_lost_ranks=args.replace_lost_ranks,
                     rebalance_interval_steps=args.rebalance_interval_steps)
 
 

@@ -85,6 +85,7 @@ class EPGroup:
         self._lock = threading.Lock()
         self.book = RequestBook()
         self.affinity = RankAffinity(engine.block_size) if engine.enable_prefix_caching and ep.ep_size > 1 else None
+        self._sessions: dict[str, str] = {}        # request id -> session key, until placed
         self._held: list[tuple] | None = None      # while the membership changes: adds and aborts, in order
         self.load = LoadReport(self.router, ep.report_every_steps, ep.rebalance_interval_steps)
         first = self.actors.first_bundle
@@ -135,12 +136,15 @@ class EPGroup:
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> int | None:
         return self.add_requests([(request_id, prompt_token_ids, params)])[0]
 
-    def add_requests(self, requests: list[tuple]) -> list[int | None]:
+    def add_requests(self, requests: list[tuple], sessions: dict[str, str] | None = None) -> list[int | None]:
         """Queue (request id, prompt ids, SamplingParams[, resumed output ids]) on the ranks with the least
-        outstanding work (tokens to prefill and to decode): one Ray call per rank that gets any. Returns each
-        request's rank (None: held while the group regroups, placed right after). A request a rank refuses comes
-        back in a StepResult's `rejected`."""
+        outstanding work (tokens to prefill and to decode), or, with prefix caching, where their prefix or their
+        session (`sessions`: request id -> prompt_cache_key / user) lives: one Ray call per rank that gets any.
+        Returns each request's rank (None: held while the group regroups, placed right after). A request a rank
+        refuses comes back in a StepResult's `rejected`."""
         with self._lock:
+            if sessions and self.affinity is not None:
+                self._sessions.update(sessions)
             if self._held is not None:
                 self._held.extend(("add", *r) for r in requests)
                 return [None] * len(requests)
@@ -154,7 +158,8 @@ class EPGroup:
         batches: dict[int, list[tuple]] = {}
         for command in adds:
             request_id, prompt, params, *resume = command[1:]
-            worker = (self.affinity.choose(prompt, self.book.requests_on(self.members))
+            worker = (self.affinity.choose(prompt, self.book.requests_on(self.members),
+                                           self._sessions.pop(request_id, None))
                       if self.affinity is not None else None)
             if worker is None:
                 worker = self.book.least_loaded(self.members)

@@ -4,8 +4,8 @@ Inside a replica every request lives on one rank, and a rank's prefix cache only
 replica remembers the block keys (engine/prefix_summary.py, chained exactly as the prefix cache chains them) of the
 prompts it placed on each rank, most recent last, up to `max_blocks` per rank: the rank registers those blocks as it
 prefills them, so the memory is what that rank's cache holds unless it evicted them (then the rank merely recomputes).
-The choice itself is engine/prefix_affinity.choose, the one Serve's replica router uses: most cached tokens within a
-load bound, else no preference (the caller balances load).
+The choice itself is engine/prefix_affinity.choose, the one Serve's replica router uses: a session's worker, else the
+most cached tokens, within a load bound; else no preference (the caller balances load).
 """
 from __future__ import annotations
 
@@ -21,13 +21,14 @@ class RankAffinity:
         self._blocks: dict[int, collections.OrderedDict] = {}          # worker -> block key -> None (LRU order)
         self.decisions: collections.Counter = collections.Counter()   # reason -> count (affinity, fallback, load)
 
-    def choose(self, prompt: list[int], loads: dict[int, float]) -> int | None:
+    def choose(self, prompt: list[int], loads: dict[int, float], session: str | None = None) -> int | None:
         """The worker holding most of `prompt`'s prefix among `loads` (worker -> requests on it) within the load
-        bound; None: no worker holds any of it, or only overloaded ones (balance by load)."""
+        bound, or the session's worker when `session` (prompt_cache_key / user) is given; None: no preference
+        (nothing cached, or only on overloaded workers): balance by load."""
         keys = prompt_block_keys(prompt, self.block_size)
         candidates = [Candidate(str(w), self._cached_blocks(w, keys) * self.block_size, load)
                       for w, load in loads.items()]
-        choice = choose(candidates, None, self.load_bound)
+        choice = choose(candidates, session, self.load_bound)
         self.decisions[choice.reason] += 1
         return None if choice.key is None else int(choice.key)
 

@@ -85,7 +85,7 @@ class ReplicaEngine:
         adds, self._adds = self._adds, []
         if adds:
             self.group.add_requests([(r.request_id, r.prompt_token_ids, r.params, r.resume_output_ids)
-                                     for r in adds])
+                                     for r in adds], {r.request_id: r.routing_key for r in adds if r.routing_key})
 
     def check_health(self) -> None:
         if self.error is not None:

@@ -30,3 +30,15 @@ def test_the_longest_cached_prefix_wins_and_memory_is_bounded():
     assert affinity.choose(list(range(17)), {0: 0, 1: 0}) == 0
     affinity.forget(0)
     assert affinity.choose(list(range(17)), {0: 0, 1: 0}) is None
+
+
+def test_a_session_key_pins_its_worker_over_another_workers_cache():
+    affinity = RankAffinity(block_size=B)
+    prompt = list(range(30))
+    owners = {affinity.choose(prompt, {0: 0, 1: 0}, session=f"user-{i}") for i in range(16)}
+    assert owners == {0, 1}                                   # sessions spread over the workers
+    for i in range(16):                                       # and each keeps its worker, cache or not
+        owner = affinity.choose(prompt, {0: 0, 1: 0}, session=f"user-{i}")
+        affinity.placed(1 - owner, prompt)
+        assert affinity.choose(prompt, {0: 0, 1: 0}, session=f"user-{i}") == owner
+    assert affinity.decisions["session"] == 48

@@ -42,3 +42,22 @@ def test_next_turn_follows_its_prefix_not_the_idle_rank(client):
         worker.join(60)
     cached = second.usage.prompt_tokens_details.cached_tokens
     assert cached >= 0.7 * second.usage.prompt_tokens, (cached, second.usage.prompt_tokens)
+
+
+def test_prompt_cache_key_pins_the_rank(client):
+    """Inside the replica too, keys decide over caches: a prompt first run under key "home" is cached for key "k-j"
+    exactly when that key's rank is home's, and each key always picks the same rank."""
+    def cached(prompt, key):
+        r = client.chat.completions.create(model=None, messages=[{"role": "user", "content": prompt}], temperature=0,
+                                           max_tokens=4, extra_body={"prompt_cache_key": key})
+        return r.usage.prompt_tokens_details.cached_tokens, r.usage.prompt_tokens
+    outcomes = {}
+    for j in range(8):
+        prompt = f"Topic {j}. " + " ".join(f"note {j}.{k}: keep answers short." for k in range(24))
+        first, total = cached(prompt, "home")
+        assert first < 0.3 * total
+        second, _ = cached(prompt, f"k-{j}")
+        third, _ = cached(prompt, f"k-{j}")
+        assert third > 0.7 * total                     # the same key: the same rank as the second request
+        outcomes[j] = second > 0.7 * total
+    assert set(outcomes.values()) == {True, False}, outcomes

@@ -1,4 +1,4 @@
-"""A rank lost under load in a live `epserve serve` (ep 2, 2 redundant experts) costs no request: 16 greedy streams
+"""A rank lost under load in a live `epserve serve` (ep 2, 2 redundant experts; and without any) costs no request: 16 greedy streams
 with one rank SIGKILLed mid-stream all complete with HTTP 200, no error event and exactly the tokens of an undisturbed
 run; the server answers at once after; a replacement brings the group back to 2 ranks (read from its metrics). Then
 the same with a rank SIGSTOPped (found stuck, killed, replaced). The server still stops cleanly."""
@@ -19,13 +19,23 @@ from tests.monitoring.test_metrics import find, scrape
 STREAMS, TOKENS = 16, 160
 
 
-@pytest.fixture(scope="module")
-def server():
+def ep2_server(redundant_experts: int):
     metrics_port = free_port("127.0.0.1")
-    with live_server("--ep-size", "2", "--redundant-experts", "2", "--collective-timeout-s", "20",
+    with live_server("--ep-size", "2", "--redundant-experts", str(redundant_experts), "--collective-timeout-s", "20",
                      "--metrics-port", str(metrics_port)) as (url, proc):
         yield url, proc, metrics_port
     assert proc.returncode is not None                       # stopped, nothing hung on the way out
+
+
+@pytest.fixture(scope="module")
+def server():
+    yield from ep2_server(2)
+
+
+@pytest.fixture(scope="module")
+def server_without_redundancy():
+    """No redundant experts: the survivor must load the lost rank's experts from the checkpoint."""
+    yield from ep2_server(0)
 
 
 async def stream(client, url: str, i: int, started: asyncio.Event) -> tuple[int, str, list[str], float]:
@@ -79,6 +89,14 @@ def wait_full_size(metrics_port: int, ranks_lost: int, timeout_s: float = 180) -
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP], ids=["kill", "stop"])
 def test_lost_rank_costs_no_stream_and_no_token(server, sig):
+    check_lost_rank(server, sig)
+
+
+def test_lost_rank_without_redundant_experts_costs_no_token(server_without_redundancy):
+    check_lost_rank(server_without_redundancy, signal.SIGKILL)
+
+
+def check_lost_rank(server, sig) -> None:
     url, proc, metrics_port = server
     reference = run_streams(url)
     assert all(status == 200 and not errors and text for status, text, errors, _ in reference)

@@ -18,6 +18,7 @@ from deploy.app_config import AppArgs
 from deploy.backend import ServeBackend
 from deploy.model_paths import resolve_model_dir, served_name
 from deploy.openai_routes import register_routes
+from deploy.openapi_schema import install_openapi
 from deploy.response_store import open_response_store
 from deploy.serving_context import ServingContext
 from deploy.serve_readiness import ServeReadiness
@@ -33,9 +34,11 @@ _context: ServingContext | None = None   # handed from Gateway.__init__ to build
 
 def build_api() -> FastAPI:
     """Serve calls this in the replica right after Gateway.__init__ (the FastAPI factory form of serve.ingress),
-    so the app is built inside the replica process and carries that replica's ServingContext."""
-    api = FastAPI(title="epserve", docs_url=None, redoc_url=None, openapi_url=None, lifespan=_lifespan)
+    so the app is built inside the replica process and carries that replica's ServingContext. GET /openapi.json
+    describes the routes' real request models (deploy/openapi_schema.py); like /health it needs no API key."""
+    api = FastAPI(title="epserve", docs_url=None, redoc_url=None, openapi_url="/openapi.json", lifespan=_lifespan)
     register_routes(api)
+    install_openapi(api)
     api.state.ctx = _context
     return api
 

@@ -27,6 +27,7 @@ from deploy.api_errors import (APIError, BadRequestError, ServiceUnavailableErro
 from deploy.chat_service import GenerationPlan, as_api_error, collect, generate_outputs, plan_chat_completion
 from deploy.completion_service import plan_completion
 from deploy.json_body import read_json_object
+from deploy.openapi_schema import json_body
 from deploy.protocol import ChatCompletionRequest, CompletionRequest
 from deploy.protocol_outputs import ModelCard, ModelList
 from deploy.serving_context import ServingContext
@@ -40,8 +41,9 @@ def register_routes(api: FastAPI) -> None:
     api.add_api_route("/health", health, methods=["GET"])
     api.add_api_route("/v1/models", list_models, methods=["GET"])
     api.add_api_route("/v1/models/{model_id:path}", retrieve_model, methods=["GET"])
-    api.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"])
-    api.add_api_route("/v1/completions", completions, methods=["POST"])
+    api.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"],
+                      openapi_extra=json_body(ChatCompletionRequest))
+    api.add_api_route("/v1/completions", completions, methods=["POST"], openapi_extra=json_body(CompletionRequest))
     from deploy.responses_routes import register_responses_routes   # they import this module's helpers
     from deploy.tokenize_routes import register_tokenize_routes
     register_responses_routes(api)

@@ -14,6 +14,7 @@ from starlette.responses import Response
 
 from deploy.api_errors import BadRequestError
 from deploy.openai_routes import _generate, _guard, _json
+from deploy.openapi_schema import json_body, query_parameters
 from deploy.response_store import StoredResponse, response_not_found_error
 from deploy.responses_protocol import DeletedResponse, InputItemList, ResponsesRequest
 from deploy.responses_service import plan_response
@@ -22,14 +23,19 @@ from monitoring.recorders import current_replica_id
 
 GATEWAY_HEADER = "x-epserve-gateway"
 DEFAULT_LIMIT, MAX_LIMIT = 20, 100
+INCLUDE = {"type": "array", "items": {"type": "string"}}   # OpenAI's; any value is refused here (stored items are whole)
 NO_BACKGROUND = "this server runs no background responses (background: true is refused)"
 
 
 def register_responses_routes(api: FastAPI) -> None:
-    api.add_api_route("/v1/responses", create_response, methods=["POST"])
-    api.add_api_route("/v1/responses/{response_id}", retrieve_response, methods=["GET"])
+    api.add_api_route("/v1/responses", create_response, methods=["POST"], openapi_extra=json_body(ResponsesRequest))
+    api.add_api_route("/v1/responses/{response_id}", retrieve_response, methods=["GET"], openapi_extra=query_parameters(
+        stream={"type": "boolean"}, starting_after={"type": "integer"}, include=INCLUDE))
     api.add_api_route("/v1/responses/{response_id}", delete_response, methods=["DELETE"])
-    api.add_api_route("/v1/responses/{response_id}/input_items", list_input_items, methods=["GET"])
+    api.add_api_route("/v1/responses/{response_id}/input_items", list_input_items, methods=["GET"],
+                      openapi_extra=query_parameters(limit={"type": "integer", "minimum": 1, "maximum": MAX_LIMIT},
+                                                     order={"enum": ["asc", "desc"]}, after={"type": "string"},
+                                                     before={"type": "string"}, include=INCLUDE))
     api.add_api_route("/v1/responses/{response_id}/cancel", cancel_response, methods=["POST"])
 
 

@@ -13,6 +13,7 @@ from starlette.responses import Response
 from deploy.api_errors import BadRequestError
 from deploy.harmony import HarmonyRenderError, RenderOptions, render_chat
 from deploy.json_body import read_json_object
+from deploy.openapi_schema import json_body
 from deploy.protocol import ChatCompletionRequest, RequestModel
 from deploy.serving_context import ServingContext
 
@@ -51,8 +52,9 @@ class VersionResponse(BaseModel):
 
 
 def register_tokenize_routes(api: FastAPI) -> None:
-    api.add_api_route("/tokenize", tokenize, methods=["POST"])
-    api.add_api_route("/detokenize", detokenize, methods=["POST"])
+    api.add_api_route("/tokenize", tokenize, methods=["POST"],
+                      openapi_extra=json_body(TokenizeCompletionRequest, TokenizeChatRequest))
+    api.add_api_route("/detokenize", detokenize, methods=["POST"], openapi_extra=json_body(DetokenizeRequest))
     api.add_api_route("/version", version, methods=["GET"])
 
 

@@ -153,8 +153,10 @@ class CacheAwareRouter(LocalityMixin, MultiplexMixin, RequestRouter):
 
 
 def router_options(args) -> dict:
-    """ModelServer deployment options selecting this router (AppArgs.request_router == "cache_aware"), else none."""
-    if args.request_router != "cache_aware":
+    """ModelServer deployment options selecting this router (AppArgs.request_router == "cache_aware" with prefix
+    caching on), else none: without a prefix cache there is nothing to be affine to, and steering requests with a
+    shared preamble to one replica would only unbalance load."""
+    if args.request_router != "cache_aware" or not args.enable_prefix_caching:
         return {}
     from ray.serve.config import RequestRouterConfig
 

@@ -59,3 +59,12 @@ def test_request_of_reads_generate_to_arguments():
     gen = SimpleNamespace(prompt_token_ids=[1, 2], routing_key="k")
     assert request_of(SimpleNamespace(args=[gen, ("h", 1, "x")])) is gen and session_of(gen) == "k"
     assert request_of(SimpleNamespace(args=[])) is None and request_of(None) is None
+
+
+def test_the_cache_aware_router_is_selected_only_with_a_prefix_cache():
+    from deploy.app_config import AppArgs
+    from deploy.prefix_router import CacheAwareRouter, router_options
+    assert router_options(AppArgs(enable_prefix_caching=False)) == {}          # Serve's power of two
+    assert router_options(AppArgs(enable_prefix_caching=True, request_router="power_of_two")) == {}
+    config = router_options(AppArgs(enable_prefix_caching=True))["request_router_config"]
+    assert config.request_router_class in (CacheAwareRouter, f"{CacheAwareRouter.__module__}.CacheAwareRouter")

@@ -15,7 +15,7 @@ from deploy.gateway import Gateway
 from deploy.model_paths import resolve_model_dir
 from deploy.model_server import ModelServer
 from deploy.prefix_router import router_options
-from deploy.response_store_ray import ResponseStoreReplica
+from deploy.openai.response_store_ray import ResponseStoreReplica
 
 
 def gateway_replicas(args: AppArgs) -> int:

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from typing import Protocol
 
-from deploy.api_errors import (APIError, BadRequestError, ServiceUnavailableError, no_healthy_replica_error,
+from deploy.openai.errors import (APIError, BadRequestError, ServiceUnavailableError, no_healthy_replica_error,
                                queue_full_error)
 from engine.generate_request import GenerateRequest
 from deploy.token_channel import ChannelListener

@@ -1,4 +1,4 @@
-"""Gateway: the Serve ingress deployment. A FastAPI app with the OpenAI routes (deploy/openai_routes.py) whose
+"""Gateway: the Serve ingress deployment. A FastAPI app with the OpenAI routes (deploy/openai/routes.py) whose
 ServingContext talks to the ModelServer deployment through its handle (Serve's router picks the replica) and keeps
 stored Responses in the app's ResponseStore deployment (its handle) or in Redis; /health is ready once a ModelServer
 replica runs (deploy/serve_readiness.py).
@@ -17,9 +17,9 @@ from ray import serve
 from deploy.app_config import AppArgs
 from deploy.backend import ServeBackend
 from deploy.model_paths import resolve_model_dir, served_name
-from deploy.openai_routes import register_routes
-from deploy.openapi_schema import install_openapi
-from deploy.response_store import open_response_store
+from deploy.openai.routes import register_routes
+from deploy.openai.openapi_schema import install_openapi
+from deploy.openai.response_store import open_response_store
 from deploy.serving_context import ServingContext
 from deploy.serve_readiness import ServeReadiness
 from deploy.tokenizer import Tokenizer, model_stop_ids
@@ -35,7 +35,7 @@ _context: ServingContext | None = None   # handed from Gateway.__init__ to build
 def build_api() -> FastAPI:
     """Serve calls this in the replica right after Gateway.__init__ (the FastAPI factory form of serve.ingress),
     so the app is built inside the replica process and carries that replica's ServingContext. GET /openapi.json
-    describes the routes' real request models (deploy/openapi_schema.py); like /health it needs no API key."""
+    describes the routes' real request models (deploy/openai/openapi_schema.py); like /health it needs no API key."""
     api = FastAPI(title="epserve", docs_url=None, redoc_url=None, openapi_url="/openapi.json", lifespan=_lifespan)
     register_routes(api)
     install_openapi(api)

@@ -21,4 +21,4 @@ class ServingContext:
     # /health's readiness probe: awaits to None when a model replica can serve, else to the reason it cannot
     # (starting, failed to deploy: ...). None: always ready (an in-process backend).
     readiness: Callable[[], Awaitable[str | None]] | None = None
-    response_store: object | None = None     # deploy.response_store.ResponseStore; None: nothing is stored
+    response_store: object | None = None     # deploy.openai.response_store.ResponseStore; None: nothing is stored

@@ -12,7 +12,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from deploy.backend import LocalBackend
-from deploy.openai_routes import register_routes
+from deploy.openai.routes import register_routes
 from deploy.serving_context import ServingContext
 from deploy.tokenizer import Tokenizer, model_stop_ids
 from engine.engine import EngineConfig, LLMEngine

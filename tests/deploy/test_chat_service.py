@@ -4,10 +4,10 @@ stream == plain, cancellation on disconnect frees every KV block)."""
 import asyncio
 import json
 
-from deploy.api_errors import no_healthy_replica_error, queue_full_error
+from deploy.openai.errors import no_healthy_replica_error, queue_full_error
 from deploy.backend import LocalBackend
-from deploy.chat_service import StopHoldback
-from deploy.harmony import RenderOptions, render_chat
+from deploy.openai.chat_service import StopHoldback
+from deploy.harmony.render import RenderOptions, render_chat
 from deploy.tokenizer import model_stop_ids
 from tests.deploy.gateway_fixtures import (ANALYSIS_FINAL, MODEL, TOOL_CALL, USER, asgi_call, fake,  # noqa: F401
                                            kv_blocks_all_free, local, make_app, make_ctx, make_engine, spy_aborts,

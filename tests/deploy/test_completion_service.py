@@ -1,6 +1,6 @@
 """/v1/completions: text and token-id prompts, several prompts x n, stop ids kept out of the text, stop strings,
 logprobs, streaming (incremental UTF-8-safe text == the plain text), and the tiny engine end to end."""
-from deploy.completion_service import IncrementalText
+from deploy.openai.completion_service import IncrementalText
 from tests.deploy.gateway_fixtures import MODEL, fake, local, sse_json, tiny_dir, tiny_model, tok  # noqa: F401
 
 HELLO = "Hello world, nice day<|return|>"

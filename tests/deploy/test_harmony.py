@@ -1,9 +1,9 @@
 """Harmony rendering: system/developer text, tools as TypeScript, history rules, tokens by name (spec §4.2)."""
 import pytest
 
-from deploy.harmony import HarmonyRenderError, RenderOptions, render_chat, render_responses
-from deploy.harmony_tools import render_type
-from deploy.protocol import ChatCompletionRequest
+from deploy.harmony.render import HarmonyRenderError, RenderOptions, render_chat, render_responses
+from deploy.harmony.tools import render_type
+from deploy.openai.protocol import ChatCompletionRequest
 from deploy.tokenizer import Tokenizer
 from model.tiny import TinySpec, write_tiny
 

@@ -4,9 +4,9 @@ import random
 
 import pytest
 
-from deploy.harmony_output import CONTENT, REASONING, TOOL, HarmonyDelta
-from deploy.harmony_parser import HarmonyStreamParser, parse_completion
-from deploy.protocol_outputs import ChatMessage, DeltaMessage
+from deploy.harmony.output import CONTENT, REASONING, TOOL, HarmonyDelta
+from deploy.harmony.parser import HarmonyStreamParser, parse_completion
+from deploy.openai.protocol_outputs import ChatMessage, DeltaMessage
 from deploy.tokenizer import Tokenizer
 from model.tiny import TinySpec, write_tiny
 

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from deploy.api_errors import BadRequestError
-from deploy.json_schema_support import SUPPORTED_FORMATS, UNSUPPORTED_KEYWORDS, check_enforceable
+from deploy.openai.errors import BadRequestError
+from deploy.openai.json_schema_support import SUPPORTED_FORMATS, UNSUPPORTED_KEYWORDS, check_enforceable
 from deploy.model_paths import resolve_model_dir
 from engine.grammar_vocabulary import GrammarVocabulary
 from engine.structured_output import Constraint

@@ -6,11 +6,11 @@ import pytest
 from fastapi.testclient import TestClient
 
 from deploy import gateway
-from deploy.api_errors import ErrorResponse
-from deploy.openapi_schema import SCHEMAS
-from deploy.protocol import ChatCompletionRequest, CompletionRequest
-from deploy.responses_protocol import ResponsesRequest
-from deploy.tokenize_routes import DetokenizeRequest, TokenizeChatRequest, TokenizeCompletionRequest
+from deploy.openai.errors import ErrorResponse
+from deploy.openai.openapi_schema import SCHEMAS
+from deploy.openai.protocol import ChatCompletionRequest, CompletionRequest
+from deploy.openai.responses_protocol import ResponsesRequest
+from deploy.openai.tokenize_routes import DetokenizeRequest, TokenizeChatRequest, TokenizeCompletionRequest
 
 BODIES = {"/v1/chat/completions": ChatCompletionRequest, "/v1/completions": CompletionRequest,
           "/v1/responses": ResponsesRequest, "/detokenize": DetokenizeRequest}

@@ -3,7 +3,7 @@ router's memory of recently routed prompts, and the session key a request carrie
 from types import SimpleNamespace
 
 from deploy.prefix_router import RecentPrefixes, request_of, session_of
-from deploy.session_key import session_key
+from deploy.openai.session_key import session_key
 from engine.prefix_affinity import AFFINITY, FALLBACK, LOAD, SESSION, Candidate, choose, session_owner
 
 

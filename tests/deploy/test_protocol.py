@@ -4,13 +4,13 @@ import json
 import pytest
 from pydantic import ValidationError
 
-from deploy import api_errors
-from deploy.api_errors import BadRequestError, validation_error
-from deploy.protocol import (MAX_STOP_SEQUENCES, ChatCompletionRequest, CompletionRequest, to_sampling_params)
-from deploy.protocol_outputs import (ChatCompletionChunk, ChatCompletionChunkChoice, ChatCompletionResponse,
+from deploy.openai import errors as api_errors
+from deploy.openai.errors import BadRequestError, validation_error
+from deploy.openai.protocol import (MAX_STOP_SEQUENCES, ChatCompletionRequest, CompletionRequest, to_sampling_params)
+from deploy.openai.protocol_outputs import (ChatCompletionChunk, ChatCompletionChunkChoice, ChatCompletionResponse,
                                      ChatCompletionChoice, ChatMessage, DeltaMessage, ModelCard, ModelList,
                                      UsageInfo)
-from deploy.responses_protocol import (FunctionCallItem, OutputMessage, OutputText, ReasoningItem, ReasoningText,
+from deploy.openai.responses_protocol import (FunctionCallItem, OutputMessage, OutputText, ReasoningItem, ReasoningText,
                                        ResponseLifecycleEvent, ResponseObject, ResponsesRequest, ResponseUsage,
                                        TextDeltaEvent)
 

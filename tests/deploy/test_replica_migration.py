@@ -10,7 +10,7 @@ from ray.serve.exceptions import BackPressureError
 
 import deploy.backend as backend_module
 from cluster.replica_unhealthy import ReplicaUnhealthy
-from deploy.api_errors import BadRequestError, RateLimitError, ServiceUnavailableError
+from deploy.openai.errors import BadRequestError, RateLimitError, ServiceUnavailableError
 from deploy.backend import ServeBackend
 from deploy.token_channel import ChannelSender
 from engine.generate_request import GenerateRequest

@@ -4,8 +4,8 @@ import asyncio
 
 import pytest
 
-from deploy.response_store import StoredResponse
-from deploy.response_store_memory import MemoryResponseStore
+from deploy.openai.response_store import StoredResponse
+from deploy.openai.response_store_memory import MemoryResponseStore
 
 
 class Clock:
@@ -103,7 +103,7 @@ def test_records_round_trip_through_save_and_load():
 
 @pytest.mark.parametrize("broken", ["put", "get"])
 def test_a_failing_store_is_a_503(broken):
-    from deploy.api_errors import ServiceUnavailableError
+    from deploy.openai.errors import ServiceUnavailableError
 
     class Broken(MemoryResponseStore):
         async def put(self, key, value):

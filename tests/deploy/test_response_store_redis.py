@@ -7,9 +7,9 @@ import json
 import pytest
 import redis
 
-from deploy.api_errors import ServiceUnavailableError
-from deploy.response_store import StoredResponse
-from deploy.response_store_redis import RedisResponseStore
+from deploy.openai.errors import ServiceUnavailableError
+from deploy.openai.response_store import StoredResponse
+from deploy.openai.response_store_redis import RedisResponseStore
 from tests.deploy.redis_server import redis_server
 
 RECORD = StoredResponse(response={"id": "resp_1", "object": "response", "output": []},

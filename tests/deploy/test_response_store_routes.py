@@ -7,10 +7,10 @@ import json
 
 import pytest
 
-from deploy.api_errors import queue_full_error
-from deploy.harmony import RenderOptions, render_responses
-from deploy.response_store_memory import MemoryResponseStore
-from deploy.responses_routes import GATEWAY_HEADER
+from deploy.openai.errors import queue_full_error
+from deploy.harmony.render import RenderOptions, render_responses
+from deploy.openai.response_store_memory import MemoryResponseStore
+from deploy.openai.responses_routes import GATEWAY_HEADER
 from tests.deploy.gateway_fixtures import (MODEL, TOOL_CALL, FakeBackend, asgi_call, fake, make_app,  # noqa: F401
                                            make_ctx, sse_events, tiny_dir, tok)
 

@@ -2,8 +2,8 @@
 the streaming event order with sequence numbers, incomplete and failed responses, and the tiny engine."""
 import json
 
-from deploy.api_errors import queue_full_error
-from deploy.harmony import RenderOptions, render_chat, render_responses
+from deploy.openai.errors import queue_full_error
+from deploy.harmony.render import RenderOptions, render_chat, render_responses
 from tests.deploy.gateway_fixtures import (ANALYSIS_FINAL, MODEL, TOOL_CALL, USER, fake, local,  # noqa: F401
                                            sse_events, tiny_dir, tiny_model, tok)
 

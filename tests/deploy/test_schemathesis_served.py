@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 
-from deploy.api_errors import ErrorResponse
+from deploy.openai.errors import ErrorResponse
 from tests.deploy.live_server import live_server
 
 MAX_EXAMPLES = 40   # per operation, valid and invalid cases together

@@ -8,8 +8,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from deploy.backend import LocalBackend
-from deploy.harmony import RenderOptions, render_chat
-from deploy.structured_outputs import ResponseFormatSection
+from deploy.harmony.render import RenderOptions, render_chat
+from deploy.openai.structured_outputs import ResponseFormatSection
 from deploy.tokenizer import model_stop_ids
 from tests.deploy.gateway_fixtures import (USER, make_app, make_ctx, make_engine, sse_json, tiny_dir,  # noqa: F401
                                            tiny_model, tok)

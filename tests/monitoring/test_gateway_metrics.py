@@ -8,8 +8,8 @@ import time
 import pytest
 from fastapi.testclient import TestClient
 
-from deploy import openai_routes
-from deploy.api_errors import no_healthy_replica_error, queue_full_error
+from deploy.openai import routes as openai_routes
+from deploy.openai.errors import no_healthy_replica_error, queue_full_error
 from monitoring import metrics as m
 from monitoring.recorders import RequestMetrics
 from tests.deploy.gateway_fixtures import USER, FakeBackend, fake, make_app, make_ctx, tiny_dir, tok  # noqa: F401

@@ -1,7 +1,7 @@
 """OpenAI request bodies (/v1/chat/completions, /v1/completions) and their mapping onto engine SamplingParams.
 
 Owns what a request may say and the 400s for what it may not; responses are in protocol_outputs.py, the Responses
-API in responses_protocol.py, error bodies in api_errors.py.
+API in responses_protocol.py, error bodies in errors.py.
 """
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
-from deploy.api_errors import BadRequestError, context_length_error, prompt_too_long_error
-from deploy.request_fields import CHAT_FIELDS, COMPLETION_FIELDS, check_known_fields
-from deploy.structured_protocol import StructuredFields
+from deploy.openai.errors import BadRequestError, context_length_error, prompt_too_long_error
+from deploy.openai.request_fields import CHAT_FIELDS, COMPLETION_FIELDS, check_known_fields
+from deploy.openai.structured_protocol import StructuredFields
 from engine.sampling_params import MAX_LOGPROBS, SamplingParams
 from engine.structured_output import StructuredOutput
 
@@ -20,12 +20,12 @@ logger = logging.getLogger(__name__)
 
 # Decisions, documented for users:
 # - Fields OpenAI or vLLM define that are not modelled here are 400s unless their value means what this server does
-#   anyway (deploy/request_fields.py); fields nobody defines are accepted and ignored with a warning, as vLLM does.
+#   anyway (deploy/openai/request_fields.py); fields nobody defines are accepted and ignored with a warning, as vLLM does.
 # - At most 8 stop strings (Ray Serve LLM's limit; OpenAI's own is 4, so every OpenAI-valid request passes); n <= 128.
 # - Sampling controls: presence/frequency penalties and logit_bias (OpenAI), repetition_penalty, min_p, min_tokens
 #   (vLLM extras), applied on the engine's device (engine/logits_shaper.py).
 # - Structured outputs (response_format, vLLM's structured_outputs / guided_*) and tool_choice none / auto /
-#   required / a function / allowed_tools: deploy/structured_outputs.py, enforced by the sampler's token masks.
+#   required / a function / allowed_tools: deploy/openai/structured_outputs.py, enforced by the sampler's token masks.
 MAX_STOP_SEQUENCES = 8
 MAX_N = 128
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
@@ -282,7 +282,7 @@ def to_sampling_params(request: Any, max_model_len: int, prompt_len: int,
 
     max_completion_tokens wins over max_tokens; without either, generation may fill the context the prompt leaves.
     stop_token_ids (e.g. tokenizer.harmony_stop_ids() for chat) join any the request names itself. `structured`:
-    the token automaton the output must follow (deploy/harmony_grammar.py, structured_outputs.py).
+    the token automaton the output must follow (deploy/harmony/grammar.py, structured_outputs.py).
     """
     if prompt_len < 1:
         raise BadRequestError("the prompt is empty", param="messages")

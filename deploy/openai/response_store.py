@@ -12,7 +12,7 @@ from abc import ABC, abstractmethod
 
 from pydantic import BaseModel
 
-from deploy.api_errors import APIError, BadRequestError, NotFoundError, ServiceUnavailableError
+from deploy.openai.errors import APIError, BadRequestError, NotFoundError, ServiceUnavailableError
 
 logger = logging.getLogger(__name__)
 
@@ -84,9 +84,9 @@ def open_response_store(args, handle=None) -> ResponseStore:
     reached through `handle`."""
     from deploy.app_config import RAY_STORE
     if args.response_store == RAY_STORE:
-        from deploy.response_store_ray import RayResponseStore
+        from deploy.openai.response_store_ray import RayResponseStore
         if handle is None:
             raise ValueError("response_store 'ray' needs the ResponseStore deployment's handle")
         return RayResponseStore(handle)
-    from deploy.response_store_redis import RedisResponseStore
+    from deploy.openai.response_store_redis import RedisResponseStore
     return RedisResponseStore(args.response_store, ttl_s=args.response_store_ttl_s)

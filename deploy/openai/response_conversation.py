@@ -1,15 +1,15 @@
 """The conversation a Responses request continues: its own input as items with ids (what input_items lists), after
 the stored items of its `previous_response_id` (that response's input items, then its output items).
 
-Rendering it is harmony's business (deploy/harmony.py): earlier turns' reasoning items become analysis messages only
+Rendering it is harmony's business (deploy/harmony/render.py): earlier turns' reasoning items become analysis messages only
 while no final answer follows them, as gpt-oss expects (gpt-oss-spec.md §4.2, "History"). Instructions, tools and
 settings are not carried over from the previous response, as OpenAI does.
 """
 from __future__ import annotations
 
-from deploy.protocol_outputs import random_id
-from deploy.response_store import previous_response_not_found_error
-from deploy.responses_protocol import ResponsesRequest
+from deploy.openai.protocol_outputs import random_id
+from deploy.openai.response_store import previous_response_not_found_error
+from deploy.openai.responses_protocol import ResponsesRequest
 from deploy.serving_context import ServingContext
 
 ITEM_ID_PREFIXES = {"message": "msg", "reasoning": "rs", "function_call": "fc", "function_call_output": "fco"}

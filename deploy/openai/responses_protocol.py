@@ -8,12 +8,12 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from deploy.protocol import OpenAIModel, RequestModel
-from deploy.protocol_outputs import now, random_id
-from deploy.request_fields import RESPONSES_FIELDS
-from deploy.structured_protocol import TextConfig
+from deploy.openai.protocol import OpenAIModel, RequestModel
+from deploy.openai.protocol_outputs import now, random_id
+from deploy.openai.request_fields import RESPONSES_FIELDS
+from deploy.openai.structured_protocol import TextConfig
 
-# Stored responses live in a store every gateway replica shares (deploy/response_store.py), so any replica answers
+# Stored responses live in a store every gateway replica shares (deploy/openai/response_store.py), so any replica answers
 # any `previous_response_id` (ANCHORS §4 #10: vLLM's per-replica store breaks behind a balancer).
 INPUT_ITEM_TYPES = ("message", "reasoning", "function_call", "function_call_output")
 
@@ -42,7 +42,7 @@ class ResponsesRequest(RequestModel):
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     stream: bool | None = False
     tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict | None = None       # checked with the tools (deploy/structured_outputs.py)
+    tool_choice: str | dict | None = None       # checked with the tools (deploy/openai/structured_outputs.py)
     parallel_tool_calls: bool | None = None
     text: TextConfig | None = None
     store: bool | None = None                   # None: True, as OpenAI

@@ -22,14 +22,14 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response, StreamingResponse
 
-from deploy.api_errors import (APIError, BadRequestError, ServiceUnavailableError, invalid_api_key_error,
+from deploy.openai.errors import (APIError, BadRequestError, ServiceUnavailableError, invalid_api_key_error,
                                model_not_found_error, route_not_found_error, validation_error)
-from deploy.chat_service import GenerationPlan, as_api_error, collect, generate_outputs, plan_chat_completion
-from deploy.completion_service import plan_completion
-from deploy.json_body import read_json_object
-from deploy.openapi_schema import json_body
-from deploy.protocol import ChatCompletionRequest, CompletionRequest
-from deploy.protocol_outputs import ModelCard, ModelList
+from deploy.openai.chat_service import GenerationPlan, as_api_error, collect, generate_outputs, plan_chat_completion
+from deploy.openai.completion_service import plan_completion
+from deploy.openai.json_body import read_json_object
+from deploy.openai.openapi_schema import json_body
+from deploy.openai.protocol import ChatCompletionRequest, CompletionRequest
+from deploy.openai.protocol_outputs import ModelCard, ModelList
 from deploy.serving_context import ServingContext
 
 logger = logging.getLogger(__name__)
@@ -44,8 +44,8 @@ def register_routes(api: FastAPI) -> None:
     api.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"],
                       openapi_extra=json_body(ChatCompletionRequest))
     api.add_api_route("/v1/completions", completions, methods=["POST"], openapi_extra=json_body(CompletionRequest))
-    from deploy.responses_routes import register_responses_routes   # they import this module's helpers
-    from deploy.tokenize_routes import register_tokenize_routes
+    from deploy.openai.responses_routes import register_responses_routes   # they import this module's helpers
+    from deploy.openai.tokenize_routes import register_tokenize_routes
     register_responses_routes(api)
     register_tokenize_routes(api)
     api.add_exception_handler(HTTPException, _http_exception)

@@ -5,8 +5,8 @@ Redis (response_store_redis.py) keeps responses across restarts.
 """
 from __future__ import annotations
 
-from deploy.response_store import ResponseStore
-from deploy.response_store_memory import MemoryResponseStore
+from deploy.openai.response_store import ResponseStore
+from deploy.openai.response_store_memory import MemoryResponseStore
 
 
 class ResponseStoreReplica:

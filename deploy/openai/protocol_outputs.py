@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from deploy.harmony_output import HarmonyDelta, ParsedCompletion
+from deploy.harmony.output import HarmonyDelta, ParsedCompletion
 
 
 def random_id(prefix: str) -> str:

@@ -1,10 +1,10 @@
 """The gateway's OpenAPI document (GET /openapi.json).
 
-The routes read their bodies themselves (deploy/json_body.py), so FastAPI sees no body parameter; each route names
+The routes read their bodies themselves (deploy/openai/json_body.py), so FastAPI sees no body parameter; each route names
 its pydantic request model(s) with `json_body(...)` as `openapi_extra`, and the document is built from those very
 models: each becomes `components/schemas/<Name>` (its `$defs` beside it), exactly as `model_json_schema()` writes it
 (added after FastAPI's encoding, which would turn integer bounds into floats), and the operation refers to it. Every
-operation also lists the error statuses the gateway answers, in OpenAI's body (deploy/api_errors.py ErrorResponse);
+operation also lists the error statuses the gateway answers, in OpenAI's body (deploy/openai/errors.py ErrorResponse);
 FastAPI's 422 is dropped, since a bad request is answered 400 here.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 
-from deploy.api_errors import ErrorResponse
+from deploy.openai.errors import ErrorResponse
 
 SCHEMAS = "#/components/schemas/"
 ERRORS = {400: "Bad request: the message names the field (param) to fix", 401: "Missing or invalid API key",

@@ -1,5 +1,5 @@
 """The conversation key a request carries for routing: OpenAI's `prompt_cache_key`, else `user` (both honoured as
-identifiers that change no output, deploy/request_fields.py); the cache-aware router pins a key to one replica."""
+identifiers that change no output, deploy/openai/request_fields.py); the cache-aware router pins a key to one replica."""
 from __future__ import annotations
 
 MAX_KEY_CHARS = 256

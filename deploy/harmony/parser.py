@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
-from deploy.harmony_output import (CONTENT, REASONING, TOOL, HarmonyDelta, HarmonyMessage, ParsedCompletion, ToolCall,
+from deploy.harmony.output import (CONTENT, REASONING, TOOL, HarmonyDelta, HarmonyMessage, ParsedCompletion, ToolCall,
                                    ToolCallDelta, adjust_finish_reason, classify, new_tool_call_id)
 
 logger = logging.getLogger(__name__)

@@ -2,7 +2,7 @@
 
 Owns: request -> GenerationPlan (harmony render, GenerateRequests, how outputs become a body or SSE events); merged
 backend streams that close (cancelling the request, freeing its KV blocks) when their consumer stops. Knows no HTTP
-(openai_routes.py runs the plan, watches for disconnects, writes errors) and never imports Ray.
+(routes.py runs the plan, watches for disconnects, writes errors) and never imports Ray.
 """
 from __future__ import annotations
 
@@ -15,17 +15,17 @@ from dataclasses import dataclass, field
 from pydantic import BaseModel
 
 from engine.generate_request import GenerateRequest
-from deploy.session_key import session_key
-from deploy.api_errors import APIError, BadRequestError
-from deploy.harmony import HarmonyRenderError, RenderOptions, render_chat
-from deploy.harmony_grammar import harmony_structure
-from deploy.harmony_parser import HarmonyStreamParser, parse_completion
-from deploy.protocol import ChatCompletionRequest, to_sampling_params
-from deploy.protocol_outputs import (ChatCompletionChoice, ChatCompletionChunk, ChatCompletionChunkChoice,
+from deploy.openai.session_key import session_key
+from deploy.openai.errors import APIError, BadRequestError
+from deploy.harmony.render import HarmonyRenderError, RenderOptions, render_chat
+from deploy.harmony.grammar import harmony_structure
+from deploy.harmony.parser import HarmonyStreamParser, parse_completion
+from deploy.openai.protocol import ChatCompletionRequest, to_sampling_params
+from deploy.openai.protocol_outputs import (ChatCompletionChoice, ChatCompletionChunk, ChatCompletionChunkChoice,
                                      ChatCompletionLogprobs, ChatCompletionResponse, ChatCompletionTokenLogprob,
                                      ChatMessage, DeltaMessage, TopLogprob, UsageInfo, now, random_id)
 from deploy.serving_context import ServingContext
-from deploy.structured_outputs import final_constraint, requirements
+from deploy.openai.structured_outputs import final_constraint, requirements
 from engine.token_output import TokenOutput
 
 logger = logging.getLogger(__name__)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 
-from deploy.response_store import ResponseStore
+from deploy.openai.response_store import ResponseStore
 
 KEY_PREFIX = "epserve:response:"
 TIMEOUT_S = 5.0

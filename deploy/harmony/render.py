@@ -1,7 +1,7 @@
 """Harmony rendering: OpenAI chat messages / Responses input -> the gpt-oss prompt, ending with `<|start|>assistant`.
 
 Owns the prompt text and its token ids (gpt-oss-spec.md §4.2, harmony `docs/format.md`). Special tokens are resolved
-by name through deploy.tokenizer.Tokenizer, never by number; parsing the model's output lives in harmony_parser.py.
+by name through deploy.tokenizer.Tokenizer, never by number; parsing the model's output lives in parser.py.
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from deploy.harmony_tools import ToolDefinitionError, render_functions_namespace
+from deploy.harmony.tools import ToolDefinitionError, render_functions_namespace
 
 DEFAULT_MODEL_IDENTITY = "You are ChatGPT, a large language model trained by OpenAI."
 DEFAULT_KNOWLEDGE_CUTOFF = "2024-06"
@@ -35,7 +35,7 @@ class RenderOptions:
         at midnight; HF's chat template always writes today's date.
     instructions: developer instructions placed before any taken from leading system/developer messages
         (the Responses API's `instructions`).
-    response_format: the answer's JSON schema (deploy.structured_outputs.ResponseFormatSection: name, description,
+    response_format: the answer's JSON schema (deploy.openai.structured_outputs.ResponseFormatSection: name, description,
         schema), shown in the developer message's `# Response Formats` section as gpt-oss was trained to read it.
     """
 

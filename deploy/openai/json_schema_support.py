@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from deploy.api_errors import BadRequestError
+from deploy.openai.errors import BadRequestError
 
 # Validation keywords the engine does not enforce.
 UNSUPPORTED_KEYWORDS = (

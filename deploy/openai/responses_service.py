@@ -13,24 +13,24 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 
 from engine.generate_request import GenerateRequest
-from deploy.session_key import session_key
-from deploy.api_errors import APIError, BadRequestError
-from deploy.chat_service import GenerationPlan, SequenceResult, as_api_error, sse
-from deploy.harmony import HarmonyRenderError, RenderOptions, render_responses
-from deploy.harmony_grammar import harmony_structure
-from deploy.harmony_output import REASONING, HarmonyDelta, classify
-from deploy.harmony_parser import HarmonyStreamParser
-from deploy.protocol import to_sampling_params
-from deploy.protocol_outputs import random_id
-from deploy.response_conversation import conversation
-from deploy.response_store import StoredResponse
-from deploy.responses_protocol import (ContentPartEvent, ErrorEvent, FunctionCallArgumentsDeltaEvent,
+from deploy.openai.session_key import session_key
+from deploy.openai.errors import APIError, BadRequestError
+from deploy.openai.chat_service import GenerationPlan, SequenceResult, as_api_error, sse
+from deploy.harmony.render import HarmonyRenderError, RenderOptions, render_responses
+from deploy.harmony.grammar import harmony_structure
+from deploy.harmony.output import REASONING, HarmonyDelta, classify
+from deploy.harmony.parser import HarmonyStreamParser
+from deploy.openai.protocol import to_sampling_params
+from deploy.openai.protocol_outputs import random_id
+from deploy.openai.response_conversation import conversation
+from deploy.openai.response_store import StoredResponse
+from deploy.openai.responses_protocol import (ContentPartEvent, ErrorEvent, FunctionCallArgumentsDeltaEvent,
                                        FunctionCallArgumentsDoneEvent, FunctionCallItem, IncompleteDetails,
                                        OutputItemEvent, OutputMessage, OutputText, ReasoningConfig, ReasoningItem,
                                        ReasoningText, ResponseEvent, ResponseLifecycleEvent, ResponseObject,
                                        ResponsesRequest, ResponseUsage, TextDeltaEvent, TextDoneEvent)
 from deploy.serving_context import ServingContext
-from deploy.structured_outputs import final_constraint, requirements
+from deploy.openai.structured_outputs import final_constraint, requirements
 from engine.token_output import TokenOutput
 
 logger = logging.getLogger(__name__)

@@ -12,12 +12,12 @@ import json
 from fastapi import FastAPI, Request
 from starlette.responses import Response
 
-from deploy.api_errors import BadRequestError
-from deploy.openai_routes import _generate, _guard, _json
-from deploy.openapi_schema import json_body, query_parameters
-from deploy.response_store import StoredResponse, response_not_found_error
-from deploy.responses_protocol import DeletedResponse, InputItemList, ResponsesRequest
-from deploy.responses_service import plan_response
+from deploy.openai.errors import BadRequestError
+from deploy.openai.routes import _generate, _guard, _json
+from deploy.openai.openapi_schema import json_body, query_parameters
+from deploy.openai.response_store import StoredResponse, response_not_found_error
+from deploy.openai.responses_protocol import DeletedResponse, InputItemList, ResponsesRequest
+from deploy.openai.responses_service import plan_response
 from deploy.serving_context import ServingContext
 from monitoring.recorders import current_replica_id
 

@@ -1,6 +1,6 @@
 """Request fields for structured outputs: OpenAI's `response_format` (chat, completions) and Responses `text.format`,
 vLLM's `structured_outputs` and legacy `guided_*` extras. Shapes and ranges only; what they mean for generation is
-deploy/structured_outputs.py.
+deploy/openai/structured_outputs.py.
 """
 from __future__ import annotations
 

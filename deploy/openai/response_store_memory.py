@@ -10,7 +10,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 
-from deploy.response_store import ResponseStore
+from deploy.openai.response_store import ResponseStore
 
 logger = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@ response_format or vLLM's structured outputs the whole generated text matches th
 
 Owns prompt tokenization, the completions-shaped logprobs and incremental detokenization for streaming. Stops on
 the model's end-of-sequence ids (ServingContext.eos_token_ids) plus the request's; the matched stop id is never
-part of the text. Knows no HTTP (openai_routes.py runs the plan) and never imports Ray.
+part of the text. Knows no HTTP (routes.py runs the plan) and never imports Ray.
 """
 from __future__ import annotations
 
@@ -12,12 +12,12 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 
 from engine.generate_request import GenerateRequest
-from deploy.session_key import session_key
-from deploy.chat_service import DONE, GenerationPlan, SequenceResult, StopHoldback, ends_with_stop_id, sse, sse_error
-from deploy.protocol import CompletionRequest, to_sampling_params
-from deploy.protocol_outputs import CompletionChoice, CompletionLogprobs, CompletionResponse, UsageInfo, now, random_id
+from deploy.openai.session_key import session_key
+from deploy.openai.chat_service import DONE, GenerationPlan, SequenceResult, StopHoldback, ends_with_stop_id, sse, sse_error
+from deploy.openai.protocol import CompletionRequest, to_sampling_params
+from deploy.openai.protocol_outputs import CompletionChoice, CompletionLogprobs, CompletionResponse, UsageInfo, now, random_id
 from deploy.serving_context import ServingContext
-from deploy.structured_outputs import completion_structure, final_constraint
+from deploy.openai.structured_outputs import completion_structure, final_constraint
 from engine.token_output import TokenOutput
 
 logger = logging.getLogger(__name__)

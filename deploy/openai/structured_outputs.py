@@ -13,10 +13,10 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from deploy.api_errors import BadRequestError
-from deploy.harmony_tools import function_tool
-from deploy.json_schema_support import check_enforceable
-from deploy.structured_protocol import ResponseFormat, StructuredOutputsParam
+from deploy.openai.errors import BadRequestError
+from deploy.harmony.tools import function_tool
+from deploy.openai.json_schema_support import check_enforceable
+from deploy.openai.structured_protocol import ResponseFormat, StructuredOutputsParam
 from engine.grammar_vocabulary import GrammarCompileError, GrammarVocabulary
 from engine.structured_output import Constraint, Matches, StructuredOutput
 

@@ -4,12 +4,12 @@ After the prompt's `<|start|>assistant` the turn is any number of free `analysis
 preambles when tools may be called), each `<|end|><|start|>assistant`, then exactly one of: the `final` message
 (its content matching the answer's constraint, or free) ending `<|return|>`, or a call
 `<|channel|>commentary to=functions.NAME <|constrain|>json<|message|>{arguments}<|call|>` (arguments matching that
-tool's constraint). Headers are written as harmony_parser.py reads them and harmony.py renders them, by the
+tool's constraint). Headers are written as parser.py reads them and render.py renders them, by the
 tokenizer's own encoding of each header text; special tokens are looked up by name.
 """
 from __future__ import annotations
 
-from deploy.structured_outputs import OutputRequirements, check_compiles
+from deploy.openai.structured_outputs import OutputRequirements, check_compiles
 from engine.structured_output import DONE, FreeText, Matches, StructuredOutput, Tokens
 
 START, BRANCH, ANALYSIS, NEXT = 0, 1, 2, 3      # fixed states; the final message and the calls follow

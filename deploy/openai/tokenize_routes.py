@@ -10,11 +10,11 @@ from fastapi import FastAPI, Request
 from pydantic import BaseModel, Field
 from starlette.responses import Response
 
-from deploy.api_errors import BadRequestError
-from deploy.harmony import HarmonyRenderError, RenderOptions, render_chat
-from deploy.json_body import read_json_object
-from deploy.openapi_schema import json_body
-from deploy.protocol import ChatCompletionRequest, RequestModel
+from deploy.openai.errors import BadRequestError
+from deploy.harmony.render import HarmonyRenderError, RenderOptions, render_chat
+from deploy.openai.json_body import read_json_object
+from deploy.openai.openapi_schema import json_body
+from deploy.openai.protocol import ChatCompletionRequest, RequestModel
 from deploy.serving_context import ServingContext
 
 
@@ -59,7 +59,7 @@ def register_tokenize_routes(api: FastAPI) -> None:
 
 
 async def tokenize(request: Request) -> Response:
-    from deploy.openai_routes import _guard, _json, parse_request
+    from deploy.openai.routes import _guard, _json, parse_request
 
     async def run(ctx: ServingContext) -> Response:
         body = await read_json_object(request, ctx.max_request_bytes)
@@ -72,7 +72,7 @@ async def tokenize(request: Request) -> Response:
 
 
 async def detokenize(request: Request) -> Response:
-    from deploy.openai_routes import _guard, _json, parse_request
+    from deploy.openai.routes import _guard, _json, parse_request
 
     async def run(ctx: ServingContext) -> Response:
         req = parse_request(DetokenizeRequest, await read_json_object(request, ctx.max_request_bytes), ctx)
@@ -85,7 +85,7 @@ async def detokenize(request: Request) -> Response:
 
 
 async def version(request: Request) -> Response:
-    from deploy.openai_routes import _guard, _json
+    from deploy.openai.routes import _guard, _json
     return await _guard(request, lambda ctx: _json(VersionResponse(version=metadata.version("epserve"))))
 
 

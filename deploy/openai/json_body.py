@@ -14,7 +14,7 @@ import re
 
 from starlette.requests import Request
 
-from deploy.api_errors import BadRequestError, request_too_large_error
+from deploy.openai.errors import BadRequestError, request_too_large_error
 
 MAX_JSON_DEPTH = 64                     # arrays/objects inside each other; real tool schemas nest ~10 deep
 _SURROGATE = re.compile("[\ud800-\udfff]")

@@ -24,5 +24,6 @@ def _rank(rank: int, world_size: int, port: int, timeout_s: float, fn, args) -> 
                             timeout=datetime.timedelta(seconds=timeout_s))
     try:
         fn(rank, world_size, *args)
-    finally:
+        dist.barrier()          # no rank tears its sockets down while a peer still has an operation in flight
+    finally:                    # (gloo then aborted a peer: "terminate called without an active exception")
         dist.destroy_process_group()

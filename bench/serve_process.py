@@ -117,7 +117,7 @@ class ServeProcess:
                 logger.info("server stopped in %.1f s", self.stop_s)
             except subprocess.TimeoutExpired:
                 logger.warning("server ignored SIGINT for %.0f s: killing its session", self.stop_timeout_s)
-        self.num_killed += _kill_session(sid, grace_s=10.0)
+        self.num_killed += _kill_session(sid, grace_s=30.0)      # Ray's processes exit slowly on a loaded machine
         if self.proc.poll() is None:
             self.proc.wait(10)
 

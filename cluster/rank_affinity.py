@@ -12,7 +12,7 @@ from __future__ import annotations
 import collections
 
 from engine.prefix_affinity import Candidate, choose
-from engine.prefix_summary import prompt_block_keys
+from engine.prefix_summary import leading_blocks, prompt_block_keys
 
 
 class RankAffinity:
@@ -46,10 +46,4 @@ class RankAffinity:
         self._blocks.pop(worker, None)
 
     def _cached_blocks(self, worker: int, keys: list[int]) -> int:
-        blocks = self._blocks.get(worker, {})
-        n = 0
-        for key in keys:
-            if key not in blocks:
-                break
-            n += 1
-        return n
+        return leading_blocks(keys, self._blocks.get(worker, {}).__contains__)

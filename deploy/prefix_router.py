@@ -20,7 +20,7 @@ from ray.serve.request_router import (LocalityMixin, MultiplexMixin, PendingRequ
 
 from deploy.routing_metrics import RoutingMetrics
 from engine.prefix_affinity import Candidate, choose
-from engine.prefix_summary import PrefixSummary, prompt_block_keys
+from engine.prefix_summary import PrefixSummary, leading_blocks, prompt_block_keys
 
 logger = logging.getLogger(__name__)
 ROUTING_STATS_KEY = "prefix_summary"       # the key of ModelServer.record_routing_stats' dict
@@ -95,9 +95,7 @@ class CacheAwareRouter(LocalityMixin, MultiplexMixin, RequestRouter):
         rid = replica.replica_id.unique_id
         summary = self._summary(replica)
         n = summary.cached_blocks(keys) if summary is not None else 0
-        while n < len(keys) and self._recent.holds(rid, keys[n], now):
-            n += 1
-        return n * block_size
+        return leading_blocks(keys, lambda key: self._recent.holds(rid, key, now), n) * block_size
 
     async def _loads(self, replicas: list[RunningReplica]) -> dict[ReplicaID, float]:
         loads, missing = {}, []

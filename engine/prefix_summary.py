@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from array import array
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from engine.prefix_cache import PrefixCache, chain_hash
@@ -33,6 +34,15 @@ def prompt_block_keys(token_ids: list[int], block_size: int, max_blocks: int | N
     return keys
 
 
+def leading_blocks(keys: list[int], holds: Callable[[int], bool], start: int = 0) -> int:
+    """How many leading blocks of a prompt (its `prompt_block_keys`) `holds` has, counting on from `start` blocks
+    already known to be held: a prefix cache hit stops at the first missing block."""
+    n = start
+    while n < len(keys) and holds(keys[n]):
+        n += 1
+    return n
+
+
 @dataclass(frozen=True)
 class PrefixSummary:
     """Routing keys of the cached full blocks of one engine (or of every rank of a replica, merged)."""
@@ -42,10 +52,7 @@ class PrefixSummary:
 
     def cached_blocks(self, keys: list[int]) -> int:
         """How many leading blocks of a prompt (its `prompt_block_keys`) this cache holds."""
-        n = 0
-        while n < len(keys) and keys[n] in self.keys:
-            n += 1
-        return n
+        return leading_blocks(keys, self.keys.__contains__)
 
     def to_wire(self) -> dict:
         """A small dict for Serve's routing stats: the keys packed as unsigned 64-bit integers."""

@@ -2,6 +2,7 @@
 layer tests exercise collectives between ranks in a few seconds. A rank's failure (an assertion) fails the caller
 with the rank's traceback. The caller's main module must be importable (spawn), as `epserve` and pytest are."""
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -25,5 +26,12 @@ def _rank(rank: int, world_size: int, port: int, timeout_s: float, fn, args) -> 
     try:
         fn(rank, world_size, *args)
         dist.barrier()          # no rank tears its sockets down while a peer still has an operation in flight
-    finally:                    # (gloo then aborted a peer: "terminate called without an active exception")
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    # Success: leave without running gloo's C++ destructors. Tearing the group down (or letting the interpreter do
+    # it) aborted a rank now and then on a loaded machine ("terminate called without an active exception"), even
+    # after the barrier; the work is done and the results are written, so nothing is lost by skipping it.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -3,6 +3,7 @@ per-expert token counts read back through Prometheus' HTTP API, and every metric
 exported by the live server. The server runs as its own process (its own Ray cluster) and is stopped by pid."""
 import concurrent.futures
 import json
+import math
 import os
 import signal
 import subprocess
@@ -66,13 +67,23 @@ def traffic(url: str) -> None:
     assert httpx.post(f"{url}/v1/chat/completions", json={**chat, "model": "nope"}).status_code == 404
 
 
+def finite(result: list[dict]) -> bool:
+    return bool(result) and math.isfinite(float(result[0]["value"][1]))
+
+
 def test_prometheus_reads_latency_tokens_and_experts(live_server):
     url, target = live_server
     with PrometheusServer([target], scrape_interval_s=1.0) as prom:
+        # One request first, and the main traffic only once its TTFT series is stored: Ray exports a series some
+        # seconds after its first observation, and a series whose first sample already holds every observation has
+        # a rate of 0 (a NaN quantile; CI saw it on a loaded machine).
+        warm = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+        assert httpx.post(f"{url}/v1/chat/completions", json=warm, timeout=120).status_code == 200
+        prom.wait_for("ray_epserve_time_to_first_token_seconds_count", timeout_s=90)
         traffic(url)
         ttft = "histogram_quantile({q}, sum by (le) (rate(ray_epserve_time_to_first_token_seconds_bucket[1m])))"
-        p50 = prom.wait_for(ttft.format(q=0.5), timeout_s=60)
-        p95 = prom.wait_for(ttft.format(q=0.95), timeout_s=60)
+        p50 = prom.wait_for(ttft.format(q=0.5), finite, timeout_s=60)
+        p95 = prom.wait_for(ttft.format(q=0.95), finite, timeout_s=60)
         p50, p95 = float(p50[0]["value"][1]), float(p95[0]["value"][1])
         assert 0 < p50 <= p95 < 120
         tokens = prom.wait_for("sum(rate(ray_epserve_generation_tokens_total[1m]))",

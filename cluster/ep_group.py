@@ -53,6 +53,8 @@ class EPConfig:
     window_steps: int = 1000                  # load statistics window of the router
     report_every_steps: int = 16              # expert counts batched into one router call
     experts: str = "auto"                     # slots held "dense", "packed" (MXFP4), or "auto": packed on CUDA
+    cache_aware_ranks: bool = True            # with prefix caching: a request goes to the rank holding its prefix
+                                              # or its session (False: always the least loaded rank)
 
     def __post_init__(self):
         if self.ep_size < 1:
@@ -84,7 +86,8 @@ class EPGroup:
         self.actors = RankActors(ep, self.model_dir, engine, self.eos_token_ids)
         self._lock = threading.Lock()
         self.book = RequestBook()
-        self.affinity = RankAffinity(engine.block_size) if engine.enable_prefix_caching and ep.ep_size > 1 else None
+        self.affinity = (RankAffinity(engine.block_size)
+                         if engine.enable_prefix_caching and ep.cache_aware_ranks and ep.ep_size > 1 else None)
         self._sessions: dict[str, str] = {}        # request id -> session key, until placed
         self._held: list[tuple] | None = None      # while the membership changes: adds and aborts, in order
         self.load = LoadReport(self.router, ep.report_every_steps, ep.rebalance_interval_steps)

@@ -42,7 +42,8 @@ def ep_config(args: AppArgs) -> EPConfig:
                     placement_strategy=args.placement_strategy, device=args.device, dtype=dtype,
                     collective_timeout_s=args.collective_timeout_s, probe_timeout_s=args.probe_timeout_s,
                     elastic=args.elastic_ep, replace_lost_ranks=args.replace_lost_ranks,
-                    rebalance_interval_steps=args.rebalance_interval_steps)
+                    rebalance_interval_steps=args.rebalance_interval_steps,
+                    cache_aware_ranks=args.request_router == "cache_aware")
 
 
 class ModelServer:

@@ -1,4 +1,4 @@
-"""The elastic-EP knobs travel from the command line (AppArgs) into each replica's EPConfig."""
+"""The elastic-EP and rank-placement knobs travel from the command line (AppArgs) into each replica's EPConfig."""
 from deploy.app_config import AppArgs
 from deploy.model_server import ep_config
 
@@ -9,3 +9,9 @@ def test_elastic_knobs_reach_the_ep_group_config():
     args = AppArgs(elastic_ep=False, replace_lost_ranks=False, probe_timeout_s=5.0, collective_timeout_s=30.0)
     ep = ep_config(args)
     assert (ep.elastic, ep.replace_lost_ranks, ep.probe_timeout_s, ep.collective_timeout_s) == (False, False, 5.0, 30.0)
+
+
+def test_power_of_two_routing_is_prefix_blind_inside_the_replica_too():
+    """--request-router power_of_two: no cache-aware or session placement of requests on ranks either."""
+    assert ep_config(AppArgs(enable_prefix_caching=True)).cache_aware_ranks is True
+    assert ep_config(AppArgs(enable_prefix_caching=True, request_router="power_of_two")).cache_aware_ranks is False

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROUTERS = ("cache_aware", "power_of_two")
-DEFAULT_SERVE_ARGS = "--replicas 2 --ep-size 1 --enable-prefix-caching"
+DEFAULT_SERVE_ARGS = "--replicas 2 --ep-size 2 --enable-prefix-caching"
 _WORDS = ("expert", "router", "token", "layer", "cache", "batch", "tensor", "replica", "rank", "prompt", "window")
 
 
@@ -110,6 +110,23 @@ def summarize(records: list[Turn], duration: float) -> dict:
             "requests_per_s": round(len(ok) / duration, 3), "duration_s": round(duration, 2)}
 
 
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 2) if a is not None and b else None
+
+
+def ratios(cache_aware: dict, power_of_two: dict) -> dict:
+    """The targets' ratios: TTFT p50 speedup (power of two's over cache-aware's) and throughput ratio (cache-aware's
+    over power of two's), per workload."""
+    found = {}
+    for workload in ("multiturn", "no_shared_prefix"):
+        ca, p2 = cache_aware[workload], power_of_two[workload]
+        found[workload] = {"ttft_p50_speedup": _ratio(p2["ttft_p50_s"], ca["ttft_p50_s"]),
+                           "later_turns_ttft_p50_speedup": _ratio(p2["later_turns_ttft_p50_s"],
+                                                                  ca["later_turns_ttft_p50_s"]),
+                           "throughput_ratio": _ratio(ca["output_tokens_per_s"], p2["output_tokens_per_s"])}
+    return found
+
+
 def run(args) -> dict:
     """Start `epserve serve` once per router, run the multi-turn then the no-shared-prefix workload on it."""
     from bench.serve_process import ServeProcess
@@ -125,6 +142,8 @@ def run(args) -> dict:
             unique = asyncio.run(run_conversations(server.url, conversations * turns, 1, args.system_words, 16,
                                                    args.concurrency, args.seed + 1))
         summary["routers"][router] = {"multiturn": summarize(*multi), "no_shared_prefix": summarize(*unique)}
+    summary["cache_aware_vs_power_of_two"] = ratios(summary["routers"]["cache_aware"],
+                                                    summary["routers"]["power_of_two"])
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary, indent=2))
     return summary

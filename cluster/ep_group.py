@@ -55,6 +55,7 @@ class EPConfig:
     experts: str = "auto"                     # slots held "dense", "packed" (MXFP4), or "auto": packed on CUDA
     cache_aware_ranks: bool = True            # with prefix caching: a request goes to the rank holding its prefix
                                               # or its session (False: always the least loaded rank)
+    routing_load_bound: float = 8.0           # ...unless it has this many requests more than the least loaded rank
 
     def __post_init__(self):
         if self.ep_size < 1:
@@ -86,7 +87,7 @@ class EPGroup:
         self.actors = RankActors(ep, self.model_dir, engine, self.eos_token_ids)
         self._lock = threading.Lock()
         self.book = RequestBook()
-        self.affinity = (RankAffinity(engine.block_size)
+        self.affinity = (RankAffinity(engine.block_size, load_bound=ep.routing_load_bound)
                          if engine.enable_prefix_caching and ep.cache_aware_ranks and ep.ep_size > 1 else None)
         self._sessions: dict[str, str] = {}        # request id -> session key, until placed
         self._held: list[tuple] | None = None      # while the membership changes: adds and aborts, in order

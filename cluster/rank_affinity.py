@@ -28,7 +28,7 @@ class RankAffinity:
         keys = prompt_block_keys(prompt, self.block_size)
         candidates = [Candidate(str(w), self._cached_blocks(w, keys) * self.block_size, load)
                       for w, load in loads.items()]
-        choice = choose(candidates, session, self.load_bound)
+        choice = choose(candidates, session, self.load_bound, prompt_tokens=len(prompt))
         self.decisions[choice.reason] += 1
         return None if choice.key is None else int(choice.key)
 

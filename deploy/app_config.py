@@ -72,7 +72,11 @@ class AppArgs(BaseModel):
     enable_prefix_caching: bool = False
     request_router: Literal["cache_aware", "power_of_two"] = Field(
         "cache_aware", description="how the gateway picks a model replica: cache_aware (most prompt tokens cached "
-        "there, within a load bound; prompt_cache_key / user pin a conversation) or Serve's power_of_two")
+        "there, within a load bound; prompt_cache_key / user pin a conversation; the rank inside a replica alike) or "
+        "power_of_two (Serve's, and the least-loaded rank: prefix-blind)")
+    routing_load_bound: float = Field(8.0, ge=0, description="cache_aware: a replica (or rank) holding a prompt's "
+                                      "prefix loses it to another when its ongoing requests exceed the least loaded "
+                                      "one's by more than this")
     # -- gateway --
     max_ongoing_requests: int = Field(64, ge=1, description="requests in flight per replica")
     max_queued_requests: int = Field(128, ge=0, description="per-replica queue; beyond it: 429 + Retry-After")

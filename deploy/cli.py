@@ -202,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     ld.add_argument("--workload", choices=("poisson", "multiturn"), default="poisson",
                     help="multiturn: starts `epserve serve` itself, cache-aware vs power-of-two routing side by side")
     ld.add_argument("--serve-args", default=None, help="multiturn: `epserve serve` flags (default: --replicas 2 "
-                    "--ep-size 1 --enable-prefix-caching)")
+                    "--ep-size 2 --enable-prefix-caching)")
     ld.add_argument("--system-words", type=int, default=300, help="multiturn: words of each system prompt")
     ld.add_argument("--rate", type=float, default=4.0, help="mean request arrivals per second (Poisson)")
     ld.add_argument("--requests", type=int, default=32)

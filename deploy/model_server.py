@@ -43,7 +43,8 @@ def ep_config(args: AppArgs) -> EPConfig:
                     collective_timeout_s=args.collective_timeout_s, probe_timeout_s=args.probe_timeout_s,
                     elastic=args.elastic_ep, replace_lost_ranks=args.replace_lost_ranks,
                     rebalance_interval_steps=args.rebalance_interval_steps,
-                    cache_aware_ranks=args.request_router == "cache_aware")
+                    cache_aware_ranks=args.request_router == "cache_aware",
+                    routing_load_bound=args.routing_load_bound)
 
 
 class ModelServer:

@@ -19,7 +19,7 @@ from ray.serve.request_router import (LocalityMixin, MultiplexMixin, PendingRequ
                                       RunningReplica)
 
 from deploy.routing_metrics import RoutingMetrics
-from engine.prefix_affinity import Candidate, choose
+from engine.prefix_affinity import FALLBACK, Candidate, choose
 from engine.prefix_summary import PrefixSummary, leading_blocks, prompt_block_keys
 
 logger = logging.getLogger(__name__)
@@ -65,11 +65,13 @@ def session_of(request) -> str | None:
 
 class CacheAwareRouter(LocalityMixin, MultiplexMixin, RequestRouter):
     def initialize_state(self, load_bound: float = 8, provisional_ttl_s: float = 30.0, max_keys: int = 65536,
-                         model_name: str = "model", **_):
+                         model_name: str = "model", block_size: int | None = None, **_):
         self._load_bound = load_bound
+        self._configured_block_size = block_size     # the replicas' engine block size, known before any report
         self._recent = RecentPrefixes(provisional_ttl_s, max_keys)
         self._summaries: dict[str, tuple[bytes, PrefixSummary]] = {}      # replica -> (wire keys, parsed)
         self._pending_keys: dict[str, list[int]] = {}                      # internal request id -> prompt keys
+        self._counted: OrderedDict[str, None] = OrderedDict()               # request ids whose decision is counted
         self._metrics = RoutingMetrics(model_name)
 
     # ---- what each replica holds ----
@@ -88,7 +90,7 @@ class CacheAwareRouter(LocalityMixin, MultiplexMixin, RequestRouter):
             summary = self._summary(r)
             if summary is not None:
                 return summary.block_size
-        return None
+        return self._configured_block_size
 
     def cached_tokens(self, replica: RunningReplica, keys: list[int], block_size: int, now: float) -> int:
         """Prompt tokens this replica holds: its last report, extended by what this router sent it since."""
@@ -112,23 +114,37 @@ class CacheAwareRouter(LocalityMixin, MultiplexMixin, RequestRouter):
         request = request_of(pending_request)
         block_size = self._block_size(candidate_replicas) if request is not None else None
         if request is None or block_size is None and not session_of(request):
+            if request is not None:                              # no block size known (no report, none configured)
+                self._count(pending_request, FALLBACK, 0)
             return self._power_of_two(pending_request)
         now = time.time()
         keys = prompt_block_keys(list(request.prompt_token_ids), block_size) if block_size else []
         loads = await self._loads(candidate_replicas)
         candidates = [Candidate(r.replica_id.unique_id, self.cached_tokens(r, keys, block_size, now) if keys else 0,
                                 loads.get(r.replica_id, 0)) for r in candidate_replicas]
-        choice = choose(candidates, session_of(request), self._load_bound)
+        choice = choose(candidates, session_of(request), self._load_bound,
+                        prompt_tokens=len(request.prompt_token_ids))
         if pending_request is not None and keys:
             self._pending_keys[pending_request.metadata.internal_request_id] = keys
             while len(self._pending_keys) > MAX_PENDING:         # requests cancelled before they were routed
                 self._pending_keys.pop(next(iter(self._pending_keys)))
-        self._metrics.on_decision(choice.reason, max((c.cached_tokens for c in candidates), default=0))
+        self._count(pending_request, choice.reason, max((c.cached_tokens for c in candidates), default=0))
         if choice.key is None:
             return self._power_of_two(pending_request)
         chosen = [r for r in candidate_replicas if r.replica_id.unique_id == choice.key]
         rest = [r for r in candidate_replicas if r.replica_id.unique_id != choice.key]
         return [chosen, *self._power_of_two_among(rest)]
+
+    def _count(self, pending_request: PendingRequest | None, reason: str, cached_tokens: int) -> None:
+        """One decision per request: Serve asks again while no chosen replica accepts it; those are not counted."""
+        rid = pending_request.metadata.internal_request_id if pending_request is not None else None
+        if rid is not None:
+            if rid in self._counted:
+                return
+            self._counted[rid] = None
+            while len(self._counted) > MAX_PENDING:
+                self._counted.popitem(last=False)
+        self._metrics.on_decision(reason, cached_tokens)
 
     def _power_of_two(self, pending_request: PendingRequest | None) -> list[list[RunningReplica]]:
         ids = self.apply_locality_routing(pending_request=pending_request)
@@ -152,14 +168,17 @@ class CacheAwareRouter(LocalityMixin, MultiplexMixin, RequestRouter):
 
 def router_options(args) -> dict:
     """ModelServer deployment options selecting this router (AppArgs.request_router == "cache_aware" with prefix
-    caching on), else none: without a prefix cache there is nothing to be affine to, and steering requests with a
-    shared preamble to one replica would only unbalance load."""
+    caching on, AppArgs.routing_load_bound as its load bound), else none: without a prefix cache there is nothing to
+    be affine to, and steering requests with a shared preamble to one replica would only unbalance load."""
     if args.request_router != "cache_aware" or not args.enable_prefix_caching:
         return {}
     from ray.serve.config import RequestRouterConfig
 
     from deploy.model_paths import served_name
+    from engine.config import EngineConfig
     return {"request_router_config": RequestRouterConfig(
         request_router_class=CacheAwareRouter, request_routing_stats_period_s=1.0,
         request_routing_stats_timeout_s=10.0,
-        request_router_kwargs={"model_name": served_name(args.model, args.served_model_name)})}
+        request_router_kwargs={"model_name": served_name(args.model, args.served_model_name),
+                               "block_size": EngineConfig.block_size,
+                               "load_bound": args.routing_load_bound})}

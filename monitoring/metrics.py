@@ -35,7 +35,7 @@ class MetricSpec:
 
 
 # Label keys allowed anywhere: ids and enums only, never prompt/completion text. A test enforces it.
-LABELS = frozenset({"model_name", "replica", "rank", "layer", "expert", "finished_reason", "status_code"})
+LABELS = frozenset({"model_name", "replica", "rank", "layer", "expert", "finished_reason", "status_code", "reason"})
 FINISHED_REASONS = frozenset({"stop", "length", "abort", "tool_calls", "error"})   # anything else -> "other"
 _BASE = ("model_name", "replica")          # replica: the Serve replica (gateway or ModelServer) that recorded it
 
@@ -102,15 +102,32 @@ MISSING_RANKS = MetricSpec("epserve_ep_missing_ranks", GAUGE,
 REQUESTS_MIGRATED = MetricSpec("epserve_requests_migrated", COUNTER,
                                "Requests continued elsewhere from the tokens they had streamed: on surviving EP ranks "
                                "(recorded by the model replica) or on another replica (by the gateway).", _BASE)
+# Cache-aware routing (deploy/routing_metrics.py records them): the router's choices in each gateway, and each rank's
+# prefix-cache lookups (vLLM's prefix_cache_queries / prefix_cache_hits, in tokens).
+ROUTING_DECISIONS = MetricSpec("epserve_routing_decisions", COUNTER,
+                               "ModelServer replicas chosen by the cache-aware router, by reason: affinity (most "
+                               "cached prompt tokens), session (prompt_cache_key / user), load (a cached replica "
+                               "was overloaded), fallback (nothing cached: power of two).", _BASE + ("reason",))
+ROUTED_CACHED_TOKENS = MetricSpec("epserve_routing_cached_tokens", COUNTER,
+                                  "Prompt tokens the chosen-from replicas were known to cache, best replica per "
+                                  "request, as the router saw it.", _BASE)
+PREFIX_CACHE_QUERIES = MetricSpec("epserve_prefix_cache_queries", COUNTER,
+                                  "Prompt tokens looked up in a rank's prefix cache at admission.", _BASE + ("rank",))
+PREFIX_CACHE_HITS = MetricSpec("epserve_prefix_cache_hits", COUNTER,
+                               "Prompt tokens served from a rank's prefix cache at admission.", _BASE + ("rank",))
 ALL_METRICS: tuple[MetricSpec, ...] = (TTFT, ITL, E2E, QUEUE_TIME, REQUEST_SUCCESS, HTTP_ERRORS, PROMPT_TOKENS,
                                        GENERATION_TOKENS, RUNNING, WAITING, KV_USAGE, PREEMPTIONS, STEP_TIME,
                                        ALL_TO_ALL, EXPERT_TOKENS, BALANCEDNESS, REBALANCES, RANKS_LOST,
-                                       RANK_RECOVERIES, RECOVERY_TIME, MISSING_RANKS, REQUESTS_MIGRATED)
+                                       RANK_RECOVERIES, RECOVERY_TIME, MISSING_RANKS, REQUESTS_MIGRATED,
+                                       ROUTING_DECISIONS, ROUTED_CACHED_TOKENS, PREFIX_CACHE_QUERIES,
+                                       PREFIX_CACHE_HITS)
 
 
-# Counters Ray exports only after their first increment, i.e. once the event has happened at least once.
+# Counters Ray exports only after their first increment, i.e. once the event has happened at least once. The routing
+# ones need `--enable-prefix-caching` (decisions also the cache_aware router); hits, a prompt that shares a prefix.
 ON_EVENT: tuple[MetricSpec, ...] = (HTTP_ERRORS, PREEMPTIONS, REBALANCES, RANKS_LOST, RANK_RECOVERIES,
-                                    REQUESTS_MIGRATED)
+                                    REQUESTS_MIGRATED, ROUTING_DECISIONS, ROUTED_CACHED_TOKENS, PREFIX_CACHE_QUERIES,
+                                    PREFIX_CACHE_HITS)
 
 
 def exported_series(prefix: str = RAY_PREFIX) -> frozenset[str]:
@@ -134,6 +151,8 @@ def label_value(key: str, value: object) -> str:
         return str(value) if ok else "other"
     if key == "finished_reason":
         return value if value in FINISHED_REASONS else "other"
+    if key == "reason":            # an enum its recorder checks (deploy/routing_metrics.py: the router's REASONS)
+        return value if isinstance(value, str) and re.fullmatch(r"[a-z_]{1,32}", value) else "other"
     raise ValueError(f"label {key!r} is not set per record")
 
 

@@ -1,6 +1,7 @@
 """The recorders the gateway (RequestMetrics), the model replica (EngineMetrics) and the expert router
 (ExpertMetrics) call with plain Python values. They only turn events into metric records (monitoring/metrics.py
-owns names, labels and sinks); without Ray initialised in the process every call is a no-op.
+owns names, labels and sinks); without Ray initialised in the process every call is a no-op. Cache-aware routing's
+recorder subclasses Recorder in deploy/routing_metrics.py (its reason enum is the router's).
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ def current_replica_id() -> str:
     return f"pid-{os.getpid()}"
 
 
-class _Recorder:
+class Recorder:
     """model_name and replica are fixed per recorder; picklable (to hand to a Ray actor) when sink is None."""
 
     def __init__(self, model_name: str, replica: str | None = None, sink=None):
@@ -50,7 +51,7 @@ class _Recorder:
                 logger.warning("recording %s failed; later failures of it are not logged", spec.name, exc_info=True)
 
 
-class RequestMetrics(_Recorder):
+class RequestMetrics(Recorder):
     """Gateway side, one per process: latencies as the client sees them, outcomes, HTTP errors."""
 
     def start(self, now: float | None = None) -> RequestTimer:
@@ -104,7 +105,7 @@ class RequestTimer:
             self.metrics.on_http_error(status_code)
 
 
-class EngineMetrics(_Recorder):
+class EngineMetrics(Recorder):
     """Model replica side: tokens, queue time, and each rank's batch, KV cache, preemptions and step timings."""
 
     def __init__(self, model_name: str, replica: str | None = None, sink=None, gauge_interval_s: float = 0.5):
@@ -145,7 +146,7 @@ class EngineMetrics(_Recorder):
             self._record(STEP_TIME, max(0.0, step_s), rank=rank)
 
 
-class ExpertMetrics(_Recorder):
+class ExpertMetrics(Recorder):
     """Expert router side: per-(layer, expert) token counters, balancedness per layer, rebalances; and the EP group's
     membership (its replica process): ranks lost, recoveries and their time, ranks missing, requests continued.
 

@@ -42,3 +42,16 @@ def test_a_session_key_pins_its_worker_over_another_workers_cache():
         affinity.placed(1 - owner, prompt)
         assert affinity.choose(prompt, {0: 0, 1: 0}, session=f"user-{i}") == owner
     assert affinity.decisions["session"] == 48
+
+
+def test_a_shared_preamble_alone_does_not_draw_new_conversations_to_one_rank():
+    """Every chat prompt starts with the same system preamble; cached on the rank that served the first request, it
+    must not pull every new conversation there (all would land on one rank until the load bound)."""
+    affinity = RankAffinity(block_size=B)
+    preamble = list(range(8))                               # 2 blocks shared by every prompt
+    affinity.placed(0, preamble + list(range(100, 140)))
+    new_conversation = preamble + list(range(500, 540))     # 8 of 48 tokens cached on rank 0: below the share
+    assert affinity.choose(new_conversation, {0: 0, 1: 0}) is None
+    next_turn = preamble + list(range(100, 140)) + [7, 7, 7, 7]
+    assert affinity.choose(next_turn, {0: 1, 1: 0}) == 0       # its own history is most of it: affine
+    assert affinity.decisions == {"fallback": 1, "affinity": 1}

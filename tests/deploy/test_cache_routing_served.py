@@ -1,6 +1,7 @@
 """Cache-aware routing through a live `epserve serve --replicas 2 --enable-prefix-caching` (ep 1 per replica: two
-replicas x two ranks is too slow on this machine's CPUs): later turns of multi-turn conversations land where their
-prefix is cached, and `prompt_cache_key` pins a conversation's replica even against another replica's cache."""
+replicas x two ranks is too slow on this machine's CPUs; one gateway: each gateway's router remembers only what it
+sent, and a turn that follows the last within the replicas' report period (1 s) through another gateway is routed
+by power of two, README): later turns of multi-turn conversations land where their prefix is cached, and `prompt_cache_key` pins a conversation's replica even against another replica's cache."""
 import openai
 import pytest
 
@@ -9,7 +10,8 @@ from tests.deploy.live_server import live_server
 
 @pytest.fixture(scope="module")
 def client():
-    with live_server("--replicas", "2", "--ep-size", "1", "--enable-prefix-caching") as (base, _):
+    with live_server("--replicas", "2", "--ep-size", "1", "--enable-prefix-caching",
+                     "--gateway-replicas", "1") as (base, _):
         yield openai.OpenAI(base_url=f"{base}/v1", api_key="none", timeout=120)
 
 

@@ -11,7 +11,8 @@ def test_elastic_knobs_reach_the_ep_group_config():
     assert (ep.elastic, ep.replace_lost_ranks, ep.probe_timeout_s, ep.collective_timeout_s) == (False, False, 5.0, 30.0)
 
 
-def test_power_of_two_routing_is_prefix_blind_inside_the_replica_too():
+def test_routing_options_reach_the_rank_placement():
     """--request-router power_of_two: no cache-aware or session placement of requests on ranks either."""
     assert ep_config(AppArgs(enable_prefix_caching=True)).cache_aware_ranks is True
     assert ep_config(AppArgs(enable_prefix_caching=True, request_router="power_of_two")).cache_aware_ranks is False
+    assert ep_config(AppArgs(enable_prefix_caching=True, routing_load_bound=3)).routing_load_bound == 3

@@ -68,3 +68,32 @@ def test_the_cache_aware_router_is_selected_only_with_a_prefix_cache():
     assert router_options(AppArgs(enable_prefix_caching=True, request_router="power_of_two")) == {}
     config = router_options(AppArgs(enable_prefix_caching=True))["request_router_config"]
     assert config.request_router_class in (CacheAwareRouter, f"{CacheAwareRouter.__module__}.CacheAwareRouter")
+
+
+def test_routing_load_bound_reaches_the_router(capsys):
+    from deploy.app_config import AppArgs
+    from deploy.cli import build_parser, main
+    from deploy.prefix_router import router_options
+    from deploy.server import app_args
+    kwargs = lambda args: router_options(args)["request_router_config"].request_router_kwargs   # noqa: E731
+    assert kwargs(AppArgs(enable_prefix_caching=True))["load_bound"] == 8
+    assert kwargs(AppArgs(enable_prefix_caching=True))["block_size"] == 16      # affinity before any cache report
+    ns = build_parser().parse_args(["serve", "--enable-prefix-caching", "--routing-load-bound", "2.5"])
+    assert kwargs(app_args(ns))["load_bound"] == 2.5
+    assert main(["serve", "--routing-load-bound", "-1"]) == 2                   # refused before Ray starts
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "routing_load_bound" in err, err
+
+
+def test_a_request_routed_again_counts_one_decision():
+    """Serve calls choose_replicas again while no chosen replica accepts a request: one decision is counted."""
+    from collections import OrderedDict
+
+    from deploy.prefix_router import CacheAwareRouter
+    seen = []
+    router = SimpleNamespace(_counted=OrderedDict(), _metrics=SimpleNamespace(on_decision=lambda *a: seen.append(a)))
+    pending = [SimpleNamespace(metadata=SimpleNamespace(internal_request_id=i)) for i in ("r1", "r2")]
+    for p in (pending[0], pending[0], pending[1], pending[0]):
+        CacheAwareRouter._count(router, p, "affinity", 64)
+    CacheAwareRouter._count(router, None, "fallback", 0)
+    assert seen == [("affinity", 64), ("affinity", 64), ("fallback", 0)]

@@ -92,7 +92,8 @@ def test_dashboard_uses_only_defined_metrics_and_covers_every_topic():
     for needed in ("time_to_first_token_seconds_bucket", "inter_token_latency_seconds_bucket",
                    "e2e_request_latency_seconds_bucket", "generation_tokens_total", "num_requests_running",
                    "num_requests_waiting", "kv_cache_usage_perc", "expert_tokens_total", "expert_balancedness",
-                   "all_to_all_seconds_bucket", "expert_rebalances_total", "http_errors_total"):
+                   "all_to_all_seconds_bucket", "expert_rebalances_total", "http_errors_total",
+                   "prefix_cache_queries_total", "prefix_cache_hits_total", "routing_decisions_total"):
         assert "ray_epserve_" + needed in used, needed
 
 

@@ -1,6 +1,7 @@
-"""A real Prometheus scrapes a live `epserve serve` (demo model, EP 2): TTFT percentiles, generation tokens/s and
-per-expert token counts read back through Prometheus' HTTP API, and every metric the dashboard and the rules use is
-exported by the live server. The server runs as its own process (its own Ray cluster) and is stopped by pid."""
+"""A real Prometheus scrapes a live `epserve serve` (demo model, EP 2, prefix caching and the cache-aware router on):
+TTFT percentiles, generation tokens/s, per-expert token counts, prefix-cache hits and routing decisions read back
+through Prometheus' HTTP API, and every metric the dashboard and the rules use is exported by the live server. The
+server runs as its own process (its own Ray cluster) and is stopped by pid."""
 import concurrent.futures
 import json
 import math
@@ -13,6 +14,7 @@ import time
 import httpx
 import pytest
 
+from engine.prefix_affinity import REASONS
 from tests.monitoring.prometheus_helper import PrometheusServer, free_port
 from tests.monitoring.test_dashboard import DASHBOARD, dashboard_exprs, metric_names, rule_exprs
 
@@ -22,10 +24,12 @@ def live_server(tmp_path_factory):
     port, metrics_port = free_port(), free_port()
     log = open(tmp_path_factory.mktemp("serve") / "serve.log", "wb")
     # max_model_len 512 and a small KV budget: concurrent requests run out of blocks, so preemptions happen too.
+    # Prefix caching on: the ranks count prefix-cache queries and hits, and the cache-aware router its decisions.
     proc = subprocess.Popen(
         [sys.executable, "-m", "deploy.cli", "serve", "--port", str(port), "--metrics-port", str(metrics_port),
          "--num-cpus", "8", "--max-model-len", "512", "--kv-cache-bytes", str(460_000),
-         "--rebalance-interval-steps", "20", "--max-num-seqs", "8", "--max-num-batched-tokens", "64"],
+         "--rebalance-interval-steps", "20", "--max-num-seqs", "8", "--max-num-batched-tokens", "64",
+         "--enable-prefix-caching"],
         stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "RAY_AUTH_MODE": "disabled"},
         start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -52,7 +56,11 @@ def live_server(tmp_path_factory):
 
 
 def traffic(url: str) -> None:
-    chat = {"messages": [{"role": "user", "content": "What is 2 + 5?"}], "max_tokens": 40, "temperature": 0}
+    # Every chat request resends the same conversation: after the first, its prompt comes mostly from the cache.
+    history = [{"role": "system", "content": "You answer arithmetic questions in one short sentence. " * 3},
+               {"role": "user", "content": "Reverse the word lamp."}, {"role": "assistant", "content": "pmal"},
+               {"role": "user", "content": "What is 2 + 5?"}]
+    chat = {"messages": history, "max_tokens": 40, "temperature": 0}
     long = {"prompt": "Reverse the word stone.", "max_tokens": 120, "ignore_eos": True, "stream": True}
 
     def one(i):
@@ -71,6 +79,10 @@ def finite(result: list[dict]) -> bool:
     return bool(result) and math.isfinite(float(result[0]["value"][1]))
 
 
+def positive(result: list[dict]) -> bool:
+    return bool(result) and float(result[0]["value"][1]) > 0
+
+
 def test_prometheus_reads_latency_tokens_and_experts(live_server):
     url, target = live_server
     with PrometheusServer([target], scrape_interval_s=1.0) as prom:
@@ -86,12 +98,18 @@ def test_prometheus_reads_latency_tokens_and_experts(live_server):
         p95 = prom.wait_for(ttft.format(q=0.95), finite, timeout_s=60)
         p50, p95 = float(p50[0]["value"][1]), float(p95[0]["value"][1])
         assert 0 < p50 <= p95 < 120
-        tokens = prom.wait_for("sum(rate(ray_epserve_generation_tokens_total[1m]))",
-                               lambda r: r and float(r[0]["value"][1]) > 0, timeout_s=60)
+        tokens = prom.wait_for("sum(rate(ray_epserve_generation_tokens_total[1m]))", positive, timeout_s=60)
         assert float(tokens[0]["value"][1]) > 0
         experts = prom.wait_for("ray_epserve_expert_tokens_total", lambda r: len(r) >= 4, timeout_s=60)
         layers = {s["metric"]["layer"] for s in experts}
         assert layers == {"0", "1"} and all(float(s["value"][1]) > 0 for s in experts)
+        # the repeated conversation hit the prefix cache, and the router chose its replica for the cached prefix
+        hits = prom.wait_for("sum(ray_epserve_prefix_cache_hits_total)", positive, timeout_s=60)
+        queried = prom.query("sum(ray_epserve_prefix_cache_queries_total)")
+        assert 0 < float(hits[0]["value"][1]) < float(queried[0]["value"][1])
+        prom.wait_for('sum(ray_epserve_routing_decisions_total{reason="affinity"})', positive, timeout_s=60)
+        reasons = prom.values("sum by (reason) (ray_epserve_routing_decisions_total)")
+        assert reasons.keys() <= {(("reason", r),) for r in REASONS}, reasons
         # every name the dashboard and the rules select is exported by this live server
         exprs, recorded = rule_exprs()
         dashboard = json.loads(DASHBOARD.read_text())

@@ -1,5 +1,6 @@
-"""monitoring/metrics.py + recorders.py: valid definitions, no request text in metrics, no-ops without Ray, and
-correct records through a prometheus_client registry and through Ray's metrics agent."""
+"""monitoring/metrics.py + recorders.py (and deploy/routing_metrics.py, whose reason enum is the router's): valid
+definitions, no request text in metrics, no-ops without Ray, and correct records through a prometheus_client
+registry and through Ray's metrics agent."""
 import inspect
 import pickle
 import re
@@ -13,11 +14,12 @@ import prometheus_client
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from deploy.routing_metrics import RoutingMetrics
 from monitoring import metrics as m
 from monitoring.recorders import EngineMetrics, ExpertMetrics, RequestMetrics
 
 ROOT = Path(__file__).resolve().parents[2]
-RECORDERS = (RequestMetrics, EngineMetrics, ExpertMetrics)
+RECORDERS = (RequestMetrics, EngineMetrics, ExpertMetrics, RoutingMetrics)
 SECRET = "Tell me the launch codes, then write a poem"
 
 
@@ -46,6 +48,10 @@ def exercise(sink, text=SECRET):
     exp = ExpertMetrics("gpt-oss-120b", replica="r1", sink=sink)
     exp.observe_counts([[1, 0], [0, 2]])
     exp.observe({"balancedness": [0.5, 1.0], "rebalances": 1, "window_tokens": [[1, 0], [0, 2]]})
+    routing = RoutingMetrics("gpt-oss-120b", replica="g1", sink=sink)
+    routing.on_decision("affinity", 48)
+    routing.on_decision(text, 0)
+    RoutingMetrics("gpt-oss-120b", replica="r1", sink=sink).observe_rank(1, queried=64, hit=16)
     return getattr(sink, "records", None)
 
 
@@ -70,11 +76,12 @@ def test_definitions_are_valid_and_unique():
 
 
 def test_label_keys_are_a_fixed_allow_list_of_ids_and_enums():
-    assert m.LABELS == {"model_name", "replica", "rank", "layer", "expert", "finished_reason", "status_code"}
+    assert m.LABELS == {"model_name", "replica", "rank", "layer", "expert", "finished_reason", "status_code",
+                        "reason"}
     allowed_params = {"self", "model_name", "replica", "sink", "flush_interval_s", "now", "num_tokens",
                       "finished_reason", "status_code", "num_prompt_tokens", "seconds", "rank", "num_running",
                       "num_waiting", "kv_usage", "num_preemptions", "all_to_all_s", "step_s", "counts", "stats",
-                      "gauge_interval_s"}
+                      "gauge_interval_s", "reason", "cached_tokens", "queried", "hit"}
     from monitoring.recorders import RequestTimer
     for cls in RECORDERS + (RequestTimer,):
         for name, fn in inspect.getmembers(cls, inspect.isfunction):
@@ -93,6 +100,8 @@ def test_request_text_never_reaches_a_label_or_value():
     reasons = {t["finished_reason"] for n, _, t in records if n == m.REQUEST_SUCCESS.name}
     codes = {t["status_code"] for n, _, t in records if n == m.HTTP_ERRORS.name}
     assert reasons == {"other"} and codes == {"other"}
+    assert [t["reason"] for n, _, t in records if n == m.ROUTING_DECISIONS.name] == ["affinity", "other"]
+    assert m.label_value("reason", "load") == "load" and m.label_value("reason", SECRET) == "other"
     assert m.ident("my model\n<script>") == "my_model__script_"
 
 
@@ -122,6 +131,11 @@ def test_records_through_a_prometheus_registry():
     assert get("ray_epserve_expert_tokens_total", {**expert, "layer": "0", "expert": "1"}) is None   # zero: no series
     assert get("ray_epserve_expert_balancedness", {**expert, "layer": "0"}) == 0.5
     assert get("ray_epserve_expert_rebalances_total", expert) == 1
+    assert get("ray_epserve_routing_decisions_total", {**base, "reason": "affinity"}) == 1
+    assert get("ray_epserve_routing_decisions_total", {**base, "reason": "other"}) == 1
+    assert get("ray_epserve_routing_cached_tokens_total", base) == 48
+    assert get("ray_epserve_prefix_cache_queries_total", rank) == 64
+    assert get("ray_epserve_prefix_cache_hits_total", rank) == 16
 
 
 def test_counters_count_deltas_of_running_totals_and_survive_restarts():
@@ -134,6 +148,15 @@ def test_counters_count_deltas_of_running_totals_and_survive_restarts():
     for total in (2, 2, 3, 0, 1):
         exp.observe({"rebalances": total, "balancedness": []})
     assert sum(v for n, v, _ in sink.records if n == m.REBALANCES.name) == 4
+    routing = RoutingMetrics("m", replica="r", sink=sink)
+    for queried, hit in ((10, 0), (30, 8), (30, 8), (6, 2), (16, 12)):     # (6, 2): the rank was replaced
+        routing.observe_rank(0, queried, hit)
+        routing.observe_rank(1, 5, 5)
+
+    def by_rank(spec, rank):
+        return sum(v for n, v, t in sink.records if n == spec.name and t["rank"] == rank)
+    assert by_rank(m.PREFIX_CACHE_QUERIES, "0") == 30 + 16 and by_rank(m.PREFIX_CACHE_HITS, "0") == 8 + 12
+    assert by_rank(m.PREFIX_CACHE_QUERIES, "1") == 5 and by_rank(m.PREFIX_CACHE_HITS, "1") == 5
 
 
 def test_rank_gauges_are_throttled_but_an_emptied_queue_is_always_reported():
@@ -222,6 +245,8 @@ def test_records_reach_rays_metrics_agent(ray_cluster):
     timer.on_finish("stop")
     EngineMetrics(model, replica="r1").observe_rank(0, num_running=3, num_waiting=2, kv_usage=0.25,
                                                      num_preemptions=4, all_to_all_s=0.002, step_s=0.01)
+    RoutingMetrics(model, replica="g1").on_decision("session", 32)
+    RoutingMetrics(model, replica="r1").observe_rank(1, queried=96, hit=64)
 
     @ray.remote(num_cpus=0)
     def in_a_worker(recorder):                          # the router records from its own actor process
@@ -234,7 +259,8 @@ def test_records_reach_rays_metrics_agent(ray_cluster):
     while time.monotonic() < deadline:
         samples = scrape(port)
         if find(samples, "ray_epserve_expert_tokens_total", model_name=model) and \
-                find(samples, "ray_epserve_time_to_first_token_seconds_count", model_name=model):
+                find(samples, "ray_epserve_time_to_first_token_seconds_count", model_name=model) and \
+                find(samples, "ray_epserve_prefix_cache_hits_total", model_name=model):
             break
         time.sleep(1)
     names = {n for (n, ls), _ in samples.items() if ("model_name", model) in ls}
@@ -247,3 +273,5 @@ def test_records_reach_rays_metrics_agent(ray_cluster):
     assert find(samples, "ray_epserve_expert_tokens_total", model_name=model, layer="1", expert="0") == 7
     assert find(samples, "ray_epserve_expert_balancedness", model_name=model, layer="1") == 0.5
     assert find(samples, "ray_epserve_expert_rebalances_total", model_name=model) == 2
+    assert find(samples, "ray_epserve_routing_decisions_total", model_name=model, reason="session") == 1
+    assert find(samples, "ray_epserve_prefix_cache_hits_total", model_name=model, rank="1") == 64

@@ -148,10 +148,22 @@ class BlockManager:
         first = keep_from
         while first > 0 and table[first - 1] != NULL_BLOCK:
             first -= 1
-        # Oldest first, so with prefix caching the oldest positions are also the first evicted.
         for j in range(first, keep_from):
-            self._pools[SLIDING].release(table[j])
+            self._pools[SLIDING].release(table[j], evict_first=not self._serves_next_turn(seq, j))
             table[j] = NULL_BLOCK
+
+    def _serves_next_turn(self, seq: Sequence, j: int) -> bool:
+        """Whether sliding block j lies in the window before the end of the prompt: where the next turn of a
+        conversation (the same prompt, then more) gets its cache hit, so the blocks its sliding layers read there.
+
+        The sliding pool only holds the windows of running sequences: a long prefill cycles through it many times
+        over. Parked in release order, each prefill's passed-over blocks would evict every finished conversation's
+        prompt end (with 8 conversations in flight, no next turn hit the cache); so the blocks a prefill leaves
+        behind mid-prompt go first, and those ending a prompt are kept longest. A mid-prompt hit (a system prompt
+        shared by new conversations) is given up for it on sliding layers."""
+        assert self.sliding_window is not None
+        end = seq.num_prompt_tokens
+        return (j + 1) * self.block_size > end - self.sliding_window - self.block_size and j * self.block_size < end
 
     def free(self, seq: Sequence) -> None:
         """Release every block of the sequence; shared blocks survive while others still reference them."""

@@ -52,12 +52,13 @@ class BlockPool:
             self._prefix_cache.unpark(self.group, block_id)
         self._ref_counts[block_id] += 1
 
-    def release(self, block_id: int) -> None:
-        """Drop one reference; at 0 the block is parked if cached, else returned to the free list."""
+    def release(self, block_id: int, evict_first: bool = False) -> None:
+        """Drop one reference; at 0 the block is parked if cached (first in line for eviction with `evict_first`),
+        else returned to the free list."""
         assert self._ref_counts[block_id] > 0, f"{self.group} block {block_id} released more than taken"
         self._ref_counts[block_id] -= 1
         if self._ref_counts[block_id] == 0:
             if self._prefix_cache is not None and self._prefix_cache.is_cached(self.group, block_id):
-                self._prefix_cache.park(self.group, block_id)
+                self._prefix_cache.park(self.group, block_id, evict_first)
             else:
                 self._free.append(block_id)

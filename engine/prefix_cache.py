@@ -56,6 +56,7 @@ class PrefixCache:
         self._block_of: dict[str, dict[bytes, int]] = {g: {} for g in groups}
         self._hash_of: dict[str, dict[int, bytes]] = {g: {} for g in groups}
         self._parked: dict[str, OrderedDict[int, None]] = {g: OrderedDict() for g in groups}
+        self._parked_first: dict[str, OrderedDict[int, None]] = {g: OrderedDict() for g in groups}   # evicted first
         self.num_queried_tokens = 0  # prompt tokens looked up at admission (hit-rate metric)
         self.num_hit_tokens = 0      # of which served from the cache
 
@@ -130,21 +131,23 @@ class PrefixCache:
     def is_cached(self, group: str, block_id: int) -> bool:
         return block_id in self._hash_of[group]
 
-    def park(self, group: str, block_id: int) -> None:
-        """A cached block lost its last reference: keep its content, make it evictable."""
-        self._parked[group][block_id] = None
+    def park(self, group: str, block_id: int, evict_first: bool = False) -> None:
+        """A cached block lost its last reference: keep its content, make it evictable, least recently parked
+        first; `evict_first` (content unlikely to be asked for again): before any block parked without it."""
+        (self._parked_first if evict_first else self._parked)[group][block_id] = None
 
     def unpark(self, group: str, block_id: int) -> None:
         """A parked block got a cache hit: it is in use again."""
-        del self._parked[group][block_id]
+        (self._parked_first if block_id in self._parked_first[group] else self._parked)[group].pop(block_id)
 
     def num_parked(self, group: str) -> int:
-        return len(self._parked[group])
+        return len(self._parked[group]) + len(self._parked_first[group])
 
     def evict(self, group: str) -> int | None:
-        """Drop the least recently parked block from the index and hand it out, or None if none is parked."""
-        if not self._parked[group]:
+        """Drop the next parked block in eviction order from the index and hand it out, or None if none is."""
+        queue = self._parked_first[group] or self._parked[group]
+        if not queue:
             return None
-        block_id, _ = self._parked[group].popitem(last=False)
+        block_id, _ = queue.popitem(last=False)
         del self._block_of[group][self._hash_of[group].pop(block_id)]
         return block_id

@@ -117,3 +117,19 @@ def test_sliding_hit_needs_the_window_blocks():
     hit = bm.find_cached_prefix(make_seq(5, PROMPT[:16] + [1]))
     assert hit.num_tokens == 16 and hit.block_ids[SLIDING][:2] == [NULL_BLOCK] * 2
     assert hit.block_ids[SLIDING][2:] == sliding_of_a[2:4]
+
+
+def test_a_conversations_prompt_end_outlives_other_prefills_on_sliding_layers():
+    """The next turn of a conversation hits at the end of its last prompt, where sliding layers read the window
+    before it. Other conversations' prefills pass over many sliding blocks; those go first, so the prompt ends of
+    finished turns stay (in release order they were evicted first: no next turn hit under concurrency)."""
+    bm = manager(num_full=64, num_sliding=12, window=8)       # W=8, block 4: a 24-token prompt spans 6 blocks
+    a = make_seq(0, PROMPT)
+    prefill(bm, a)
+    bm.free(a)                                                # blocks 0-2 passed over; 3-5 end the prompt
+    for i, seq_id in enumerate((1, 2)):                       # two more conversations' first turns
+        other = make_seq(seq_id, [100 * (i + 1) + t for t in range(24)])
+        prefill(bm, other)
+        bm.free(other)
+    assert bm.find_cached_prefix(make_seq(3, PROMPT + [7, 7, 7, 7])).num_tokens == 24
+    assert bm.find_cached_prefix(make_seq(4, [100 + t for t in range(24)] + [7])).num_tokens == 24

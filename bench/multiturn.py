@@ -1,9 +1,10 @@
 """`epserve bench load --workload multiturn`: conversations that resend their whole history every turn, each with a
 long system prompt of its own, against `epserve serve` with the cache-aware router and with power of two choices,
-side by side in one run (each on a fresh server); then a workload without shared prefixes (single-turn, unique
-prompts) on both, to show the router costs nothing there. Reports, per router and workload: the share of prompt
-tokens of turns 2+ served from the prefix cache (usage.prompt_tokens_details.cached_tokens), TTFT p50/p95 and
-throughput. Writes summary.json under --out.
+side by side in one run (fresh servers, `--repeats` per router in A B B A order, turns pooled); then a workload
+without shared prefixes (single-turn, unique prompts) on both, to show the router costs nothing there. Reports, per
+router and workload: the share of prompt tokens of turns 2+ served from the prefix cache
+(usage.prompt_tokens_details.cached_tokens), TTFT p50/p95 and throughput, and the ratios. Writes summary.json under
+--out.
 """
 from __future__ import annotations
 
@@ -127,21 +128,34 @@ def ratios(cache_aware: dict, power_of_two: dict) -> dict:
     return found
 
 
+def router_order(repeats: int) -> list[str]:
+    """A B B A ...: each router starts first as often as the other, so drift of the machine hits both alike."""
+    return [r for k in range(repeats) for r in (ROUTERS if k % 2 == 0 else ROUTERS[::-1])]
+
+
 def run(args) -> dict:
-    """Start `epserve serve` once per router, run the multi-turn then the no-shared-prefix workload on it."""
+    """Start `epserve serve` per router (`--repeats` times each, alternating), run the multi-turn then the
+    no-shared-prefix workload on it; each router's turns are pooled over its runs."""
     from bench.serve_process import ServeProcess
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     serve_args = shlex.split(args.serve_args or DEFAULT_SERVE_ARGS)
-    conversations, turns = max(1, args.requests // 4), 4
-    summary: dict = {"serve_args": serve_args, "conversations": conversations, "turns": turns, "routers": {}}
+    conversations, turns, repeats = max(1, args.requests // 4), 4, max(1, getattr(args, "repeats", 1))
+    summary: dict = {"serve_args": serve_args, "conversations": conversations, "turns": turns, "repeats": repeats,
+                     "routers": {}}
+    pooled = {r: {w: ([], 0.0) for w in ("multiturn", "no_shared_prefix")} for r in ROUTERS}
+    for k, router in enumerate(router_order(repeats)):
+        seed = args.seed + 1000 * k
+        with ServeProcess([*serve_args, "--request-router", router], out / f"serve-{router}-{k}.log") as server:
+            found = {"multiturn": asyncio.run(run_conversations(
+                         server.url, conversations, turns, args.system_words, 16, args.concurrency, seed)),
+                     "no_shared_prefix": asyncio.run(run_conversations(
+                         server.url, conversations * turns, 1, args.system_words, 16, args.concurrency, seed + 1))}
+        for workload, (records, duration) in found.items():
+            held, total = pooled[router][workload]
+            pooled[router][workload] = (held + records, total + duration)
     for router in ROUTERS:
-        with ServeProcess([*serve_args, "--request-router", router], out / f"serve-{router}.log") as server:
-            multi = asyncio.run(run_conversations(server.url, conversations, turns, args.system_words, 16,
-                                                  args.concurrency, args.seed))
-            unique = asyncio.run(run_conversations(server.url, conversations * turns, 1, args.system_words, 16,
-                                                   args.concurrency, args.seed + 1))
-        summary["routers"][router] = {"multiturn": summarize(*multi), "no_shared_prefix": summarize(*unique)}
+        summary["routers"][router] = {w: summarize(*pooled[router][w]) for w in pooled[router]}
     summary["cache_aware_vs_power_of_two"] = ratios(summary["routers"]["cache_aware"],
                                                     summary["routers"]["power_of_two"])
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -204,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     ld.add_argument("--serve-args", default=None, help="multiturn: `epserve serve` flags (default: --replicas 2 "
                     "--ep-size 2 --enable-prefix-caching)")
     ld.add_argument("--system-words", type=int, default=300, help="multiturn: words of each system prompt")
+    ld.add_argument("--repeats", type=int, default=2, help="multiturn: servers per router, in A B B A order; "
+                    "their turns are pooled")
     ld.add_argument("--rate", type=float, default=4.0, help="mean request arrivals per second (Poisson)")
     ld.add_argument("--requests", type=int, default=32)
     ld.add_argument("--concurrency", type=int, default=8, help="requests in flight at most")

@@ -25,3 +25,9 @@ def test_ratios_are_speedups_of_the_cache_aware_router():
     r = ratios({"multiturn": ca, "no_shared_prefix": p2}, {"multiturn": p2, "no_shared_prefix": p2})
     assert r["multiturn"] == {"ttft_p50_speedup": 3.0, "later_turns_ttft_p50_speedup": 4.0, "throughput_ratio": 1.5}
     assert r["no_shared_prefix"]["throughput_ratio"] == 1.0
+
+
+def test_routers_alternate_so_each_starts_first_as_often():
+    from bench.multiturn import router_order
+    assert router_order(1) == ["cache_aware", "power_of_two"]
+    assert router_order(2) == ["cache_aware", "power_of_two", "power_of_two", "cache_aware"]

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from engine.prefix_cache import PrefixCache, chain_hash
 
-DEFAULT_MAX_KEYS = 65536          # 512 KiB per summary at most; older blocks beyond it are left out
+DEFAULT_MAX_KEYS = 8192          # per rank, the most recent blocks (64 KiB); see README "Cache-aware routing"
 
 
 def block_key(block_hash: bytes) -> int:

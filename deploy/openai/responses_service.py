@@ -8,6 +8,7 @@ stored before its client learns it finished, so the next turn finds it whichever
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
@@ -36,6 +37,14 @@ from engine.token_output import TokenOutput
 logger = logging.getLogger(__name__)
 
 
+def _render(ctx: ServingContext, items, options: RenderOptions, output):
+    try:
+        prompt_ids = render_responses(ctx.tokenizer, items, options).token_ids
+    except HarmonyRenderError as e:
+        raise BadRequestError(str(e), param="input") from None
+    return prompt_ids, harmony_structure(ctx.tokenizer, output)
+
+
 async def plan_response(ctx: ServingContext, req: ResponsesRequest) -> GenerationPlan:
     text_format = req.text.format if req.text else None
     final, section = final_constraint(text_format.as_response_format() if text_format else None, None, "text.format")
@@ -43,13 +52,10 @@ async def plan_response(ctx: ServingContext, req: ResponsesRequest) -> Generatio
     options = RenderOptions(reasoning_effort=req.reasoning_effort, tools=req.effective_tools,
                             instructions=req.instructions, response_format=section)
     items = await conversation(ctx, req)
-    try:
-        prompt_ids = render_responses(ctx.tokenizer, items, options).token_ids
-    except HarmonyRenderError as e:
-        raise BadRequestError(str(e), param="input") from None
+    # rendering and a new schema's grammar compile run off the event loop (routes._generate says why)
+    prompt_ids, structured = await asyncio.to_thread(_render, ctx, items, options, output)
     params = to_sampling_params(req, ctx.max_model_len, len(prompt_ids),
-                                stop_token_ids=ctx.tokenizer.harmony_stop_ids(),
-                                structured=harmony_structure(ctx.tokenizer, output))
+                                stop_token_ids=ctx.tokenizer.harmony_stop_ids(), structured=structured)
     response_id = random_id("resp")
     store = ctx.response_store if req.store is not False else None
 

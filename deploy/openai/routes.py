@@ -163,8 +163,10 @@ async def _generate(request: Request, schema: type[BaseModel], plan: Callable) -
 
     async def run(ctx: ServingContext) -> Response:
         req = parse_request(schema, await read_json_object(request, ctx.max_request_bytes), ctx)
-        planned = plan(ctx, req)
-        return await run_plan(request, ctx, await planned if inspect.isawaitable(planned) else planned, timer)
+        # Rendering a long conversation and compiling a new schema's grammar (seconds over a 200k vocabulary) run
+        # in a worker thread: the event loop keeps streaming every other request's tokens meanwhile.
+        planned = await (plan(ctx, req) if inspect.iscoroutinefunction(plan) else asyncio.to_thread(plan, ctx, req))
+        return await run_plan(request, ctx, planned, timer)
     return await _guard(request, run, timer)
 
 

@@ -294,3 +294,33 @@ def test_tokenize_detokenize_and_version(fake, tok):
     assert_error(client.post("/tokenize", json={"model": "gpt-4", "prompt": "x"}), 404)
     assert_error(client.post("/tokenize", json={"prompt": 3}), 400)
     assert client.get("/version").json()["version"] == __import__("importlib.metadata").metadata.version("epserve")
+
+
+def test_a_slow_plan_does_not_stall_the_event_loop(tok, monkeypatch):
+    """Rendering and grammar compiles run in a worker thread: while one request's plan is busy (a new schema over a
+    200k vocabulary takes seconds), /health and another request are answered. The busy plan waits until they are;
+    on the event loop it would wait out its 10 s and the others would come after."""
+    import deploy.openai.routes as routes
+    from deploy.openai.chat_service import plan_chat_completion
+    from tests.deploy.gateway_fixtures import FakeBackend
+    entered, released, waits = threading.Event(), threading.Event(), []
+
+    def busy_plan(ctx, req):
+        if req.messages[-1].content == "busy":
+            entered.set()
+            waits.append(released.wait(timeout=10))       # True: the others were served meanwhile
+        return plan_chat_completion(ctx, req)
+    monkeypatch.setattr(routes, "plan_chat_completion", busy_plan)
+    app = make_app(make_ctx(FakeBackend(tok), tok, tok.harmony_stop_ids()))
+
+    async def main():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+            busy = asyncio.create_task(client.post(CHAT, json={"messages": [{"role": "user", "content": "busy"}]}))
+            while not entered.is_set():
+                await asyncio.sleep(0.01)
+            health = await client.get("/health")
+            other = await client.post(CHAT, json={"messages": [{"role": "user", "content": "Hi"}]})
+            released.set()
+            return health.status_code, other.status_code, (await busy).status_code
+    assert asyncio.run(main()) == (200, 200, 200)
+    assert waits == [True]

@@ -32,13 +32,14 @@ def input_items(input: str | list[dict]) -> list[dict]:
     return items
 
 
-async def conversation(ctx: ServingContext, req: ResponsesRequest) -> list[dict]:
-    """Every item the response is generated from, oldest first; 400 for a previous response the store lacks."""
+async def conversation(ctx: ServingContext, req: ResponsesRequest, owner: str | None = None) -> list[dict]:
+    """Every item the response is generated from, oldest first; 400 for a previous response the store lacks (or
+    that another API key created)."""
     own = input_items(req.input)
     if req.previous_response_id is None:
         return own
     store = ctx.response_store
-    previous = None if store is None else await store.load(req.previous_response_id)
+    previous = None if store is None else await store.load(req.previous_response_id, owner)
     if previous is None:
         raise previous_response_not_found_error(req.previous_response_id)
     return previous.input_items + previous.response["output"] + own

@@ -1,12 +1,15 @@
 """Stored Responses: what is kept per response (StoredResponse) and the interface every store shares.
 
 A stored response is the response object as its client got it plus the items it was generated from (earlier turns'
-input and output items, then its own input), so a later turn with `previous_response_id` needs one read. Stores
-keep JSON text under the response id: in the Ray cluster (response_store_ray.py, an LRU in one Serve replica) or
-in Redis (response_store_redis.py). A store that cannot be reached is a 503 naming it; a missing id is `None`.
+input and output items, then its own input), so a later turn with `previous_response_id` needs one read, and the
+digest of the API key that created it: only that key sees it (everyone, when the server has no API keys). Stores
+keep JSON text under the response id: in the Ray cluster (response_store_ray.py, an LRU in one Serve replica) or in
+Redis (response_store_redis.py). A store that cannot be reached is a 503 naming it; a missing id is `None`.
 """
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 from abc import ABC, abstractmethod
 
@@ -20,6 +23,12 @@ logger = logging.getLogger(__name__)
 class StoredResponse(BaseModel):
     response: dict               # the response object (status, output, usage, ...) as returned
     input_items: list[dict]      # every item it was generated from, oldest first, each with an id
+    owner: str | None = None     # key_owner() of the API key that created it; None: the server has no API keys
+
+
+def key_owner(api_key: str) -> str:
+    """Who owns a stored response: a digest of the API key that created it (the key itself is never stored)."""
+    return hashlib.sha256(api_key.encode()).hexdigest()[:32]
 
 
 class ResponseStore(ABC):
@@ -30,9 +39,11 @@ class ResponseStore(ABC):
     async def save(self, record: StoredResponse) -> None:
         await self._call(self.put(record.response["id"], record.model_dump_json()))
 
-    async def load(self, response_id: str) -> StoredResponse | None:
+    async def load(self, response_id: str, owner: str | None = None) -> StoredResponse | None:
+        """The response if it is stored and `owner`'s (another API key's response is as good as absent)."""
         value = await self._call(self.get(response_id))
-        return None if value is None else StoredResponse.model_validate_json(value)
+        record = None if value is None else StoredResponse.model_validate_json(value)
+        return record if record is not None and hmac.compare_digest(record.owner or "", owner or "") else None
 
     async def remove(self, response_id: str) -> bool:
         return await self._call(self.delete(response_id))

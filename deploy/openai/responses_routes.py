@@ -13,7 +13,7 @@ from fastapi import FastAPI, Request
 from starlette.responses import Response
 
 from deploy.openai.errors import BadRequestError
-from deploy.openai.routes import _generate, _guard, _json
+from deploy.openai.routes import _generate, _guard, _json, request_owner
 from deploy.openai.openapi_schema import json_body, query_parameters
 from deploy.openai.response_store import StoredResponse, response_not_found_error
 from deploy.openai.responses_protocol import DeletedResponse, InputItemList, ResponsesRequest
@@ -45,7 +45,9 @@ def served_by(response: Response) -> Response:
 
 
 async def create_response(request: Request) -> Response:
-    return served_by(await _generate(request, ResponsesRequest, plan_response))
+    async def plan(ctx: ServingContext, req: ResponsesRequest):
+        return await plan_response(ctx, req, owner=request_owner(request, ctx))
+    return served_by(await _generate(request, ResponsesRequest, plan))
 
 
 async def retrieve_response(request: Request, response_id: str) -> Response:
@@ -55,14 +57,15 @@ async def retrieve_response(request: Request, response_id: str) -> Response:
             raise BadRequestError(f"stream and starting_after replay a background response's events; "
                                   f"{NO_BACKGROUND}.", param="stream")
         _check_include(request)
-        record = await _stored(ctx, response_id)
+        record = await _stored(ctx, response_id, request_owner(request, ctx))
         return Response(json.dumps(record.response), media_type="application/json")
     return served_by(await _guard(request, handle))
 
 
 async def delete_response(request: Request, response_id: str) -> Response:
     async def handle(ctx: ServingContext) -> Response:
-        if ctx.response_store is None or not await ctx.response_store.remove(response_id):
+        await _stored(ctx, response_id, request_owner(request, ctx))       # 404 unless the caller's
+        if not await ctx.response_store.remove(response_id):
             raise response_not_found_error(response_id)
         return _json(DeletedResponse(id=response_id))
     return served_by(await _guard(request, handle))
@@ -75,14 +78,14 @@ async def list_input_items(request: Request, response_id: str) -> Response:
         if order not in ("asc", "desc"):
             raise BadRequestError(f"order must be 'asc' or 'desc', got {order!r}", param="order")
         _check_include(request)
-        items = (await _stored(ctx, response_id)).input_items
+        items = (await _stored(ctx, response_id, request_owner(request, ctx))).input_items
         return _json(page(items if order == "asc" else items[::-1], limit, query.get("after"), query.get("before")))
     return served_by(await _guard(request, handle))
 
 
 async def cancel_response(request: Request, response_id: str) -> Response:
     async def handle(ctx: ServingContext) -> Response:
-        await _stored(ctx, response_id)
+        await _stored(ctx, response_id, request_owner(request, ctx))
         raise BadRequestError(f"Only responses created with background=true can be cancelled; {NO_BACKGROUND}.")
     return served_by(await _guard(request, handle))
 
@@ -121,8 +124,9 @@ def _check_include(request: Request) -> None:
         raise BadRequestError(f"include={include!r} is not supported: stored items are returned whole", param="include")
 
 
-async def _stored(ctx: ServingContext, response_id: str) -> StoredResponse:
-    record = None if ctx.response_store is None else await ctx.response_store.load(response_id)
+async def _stored(ctx: ServingContext, response_id: str, owner: str | None) -> StoredResponse:
+    """The stored response, if the caller (`owner`: routes.request_owner) may see it; else OpenAI's 404."""
+    record = None if ctx.response_store is None else await ctx.response_store.load(response_id, owner)
     if record is None:
         raise response_not_found_error(response_id)
     return record

@@ -45,13 +45,14 @@ def _render(ctx: ServingContext, items, options: RenderOptions, output):
     return prompt_ids, harmony_structure(ctx.tokenizer, output)
 
 
-async def plan_response(ctx: ServingContext, req: ResponsesRequest) -> GenerationPlan:
+async def plan_response(ctx: ServingContext, req: ResponsesRequest, owner: str | None = None) -> GenerationPlan:
+    """`owner`: response_store.key_owner of the caller's API key (None without API keys)."""
     text_format = req.text.format if req.text else None
     final, section = final_constraint(text_format.as_response_format() if text_format else None, None, "text.format")
     output = requirements(req.tools or [], req.tool_choice, final, section, responses=True)
     options = RenderOptions(reasoning_effort=req.reasoning_effort, tools=req.effective_tools,
                             instructions=req.instructions, response_format=section)
-    items = await conversation(ctx, req)
+    items = await conversation(ctx, req, owner)
     # rendering and a new schema's grammar compile run off the event loop (routes._generate says why)
     prompt_ids, structured = await asyncio.to_thread(_render, ctx, items, options, output)
     params = to_sampling_params(req, ctx.max_model_len, len(prompt_ids),
@@ -72,7 +73,7 @@ async def plan_response(ctx: ServingContext, req: ResponsesRequest) -> Generatio
 
     async def save(response: ResponseObject) -> None:
         if store is not None:
-            await store.save(StoredResponse(response=response.model_dump(mode="json"), input_items=items))
+            await store.save(StoredResponse(response=response.model_dump(mode="json"), input_items=items, owner=owner))
 
     async def body(results: dict[tuple[int, int], SequenceResult]) -> ResponseObject:
         seq, build = results[(0, 0)], builder()

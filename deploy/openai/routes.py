@@ -30,6 +30,7 @@ from deploy.openai.json_body import read_json_object
 from deploy.openai.openapi_schema import json_body
 from deploy.openai.protocol import ChatCompletionRequest, CompletionRequest
 from deploy.openai.protocol_outputs import ModelCard, ModelList
+from deploy.openai.response_store import key_owner
 from deploy.serving_context import ServingContext
 
 logger = logging.getLogger(__name__)
@@ -179,6 +180,14 @@ def parse_request(schema: type[BaseModel], body: dict, ctx: ServingContext):
     if req.model is not None and req.model != ctx.model_name:
         raise model_not_found_error(req.model)
     return req
+
+
+def request_owner(request: Request, ctx: ServingContext) -> str | None:
+    """Whose stored responses this request may see: its (already authenticated) API key's digest; None when the
+    server has no API keys."""
+    if not ctx.api_keys:
+        return None
+    return key_owner(request.headers.get("authorization", "").partition(" ")[2].strip())
 
 
 def _authenticate(request: Request, ctx: ServingContext) -> None:

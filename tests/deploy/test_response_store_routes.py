@@ -202,3 +202,24 @@ def test_stored_responses_need_the_api_key(fake):
                          ("DELETE", f"/v1/responses/{rid}"), ("POST", f"/v1/responses/{rid}/cancel")]:
         assert client.request(method, path).status_code == 401, (method, path)
     assert client.get(f"/v1/responses/{rid}", headers=auth).json()["id"] == rid
+
+
+def test_a_stored_response_belongs_to_the_api_key_that_created_it(fake):
+    """Another key gets OpenAI's 404 for every route and a 400 for previous_response_id, as if the id did not exist;
+    the owner still sees it, and another key's delete removes nothing. The key itself is never stored."""
+    store = new_store()
+    client, backend = fake(ctx_kw={"response_store": store, "api_keys": frozenset({"sk-alice", "sk-bob"})})
+    alice, bob = {"Authorization": "Bearer sk-alice"}, {"Authorization": "Bearer sk-bob"}
+    rid = client.post("/v1/responses", json={"input": "My secret"}, headers=alice).json()["id"]
+    not_found = f"Response with id '{rid}' not found."
+    for method, path in [("GET", f"/v1/responses/{rid}"), ("GET", f"/v1/responses/{rid}/input_items"),
+                         ("DELETE", f"/v1/responses/{rid}"), ("POST", f"/v1/responses/{rid}/cancel")]:
+        assert_openai_error(client.request(method, path, headers=bob), 404, not_found)
+    r = client.post("/v1/responses", json={"input": "And?", "previous_response_id": rid}, headers=bob)
+    assert_openai_error(r, 400, f"Previous response with id '{rid}' not found.", "previous_response_id")
+    assert len(backend.requests) == 1                          # bob's turn never reached the model
+    assert client.get(f"/v1/responses/{rid}", headers=alice).json()["id"] == rid
+    second = client.post("/v1/responses", json={"input": "And?", "previous_response_id": rid}, headers=alice)
+    assert second.status_code == 200, second.text
+    assert "sk-alice" not in json.dumps(store.__dict__, default=str)
+    assert client.delete(f"/v1/responses/{rid}", headers=alice).json()["deleted"] is True

@@ -12,8 +12,8 @@ import pytest
 from deploy import demo_tasks
 from tests.deploy.serve_fixtures import serve_app
 
-KEY = "sk-e2e-test"
-ARGS = {"model": "demo", "ep_size": 2, "num_replicas": 1, "api_keys": [KEY], "max_model_len": 256,
+KEY, OTHER_KEY = "sk-e2e-test", "sk-e2e-other"
+ARGS = {"model": "demo", "ep_size": 2, "num_replicas": 1, "api_keys": [KEY, OTHER_KEY], "max_model_len": 256,
         "max_ongoing_requests": 2, "max_queued_requests": 2, "max_request_bytes": 65536, "collective_timeout_s": 30}
 
 
@@ -78,6 +78,22 @@ def test_completions_and_responses(client):
                                           max_output_tokens=60, stream=True))
     assert events[0].type == "response.created" and events[-1].type == "response.completed"
     assert "".join(e.delta for e in events if e.type == "response.output_text.delta").strip() == "7"
+
+
+def test_a_stored_response_is_visible_only_to_its_api_key(client, url):
+    """Another API key's client is told the response does not exist (404, and 400 as previous_response_id); the
+    key that stored it continues the conversation."""
+    first = client.responses.create(model="gpt-oss-demo", input="What is 2 + 3?", max_output_tokens=40)
+    other = openai.OpenAI(base_url=f"{url}/v1", api_key=OTHER_KEY, max_retries=0, timeout=60)
+    with pytest.raises(openai.NotFoundError):
+        other.responses.retrieve(first.id)
+    with pytest.raises(openai.BadRequestError, match="previous_response_id|Previous response"):
+        other.responses.create(model="gpt-oss-demo", input="And 3 + 4?", previous_response_id=first.id)
+    with pytest.raises(openai.NotFoundError):
+        other.responses.delete(first.id)
+    second = client.responses.create(model="gpt-oss-demo", input="And 3 + 4?", previous_response_id=first.id,
+                                     max_output_tokens=40)
+    assert second.previous_response_id == first.id and client.responses.retrieve(first.id).id == first.id
 
 
 def test_demo_model_answers_held_out_questions(client):

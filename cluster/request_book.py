@@ -36,6 +36,7 @@ class RequestBook:
     def __init__(self):
         self._requests: dict[str, BookedRequest] = {}
         self.load: dict[int, int] = {}               # worker id -> tokens its requests still prefill and decode
+        self._count: dict[int, int] = {}             # worker id -> requests booked on it
 
     def __contains__(self, request_id: str) -> bool:
         return request_id in self._requests
@@ -45,6 +46,7 @@ class RequestBook:
 
     def add_worker(self, worker: int) -> None:
         self.load.setdefault(worker, 0)
+        self._count.setdefault(worker, 0)
 
     def least_loaded(self, workers: list[int]) -> int:
         """The worker with the least outstanding work (ties: the first in `workers`, i.e. the lowest rank)."""
@@ -52,16 +54,14 @@ class RequestBook:
 
     def requests_on(self, workers: list[int]) -> dict[int, int]:
         """Requests booked on each of `workers` (unfinished)."""
-        count = dict.fromkeys(workers, 0)
-        for r in self._requests.values():
-            if r.worker in count:
-                count[r.worker] += 1
-        return count
+        return {w: self._count.get(w, 0) for w in workers}
 
     def add(self, request_id: str, prompt: list[int], params: SamplingParams, resume, worker: int) -> None:
+        self.release(request_id)                     # booked again (never twice at once)
         cost = len(prompt) + params.n * params.max_tokens
         self._requests[request_id] = BookedRequest(list(prompt), params, worker, cost, params.n, list(resume))
         self.load[worker] += cost
+        self._count[worker] = self._count.get(worker, 0) + 1
 
     def aborted(self, request_id: str) -> int | None:
         """The request's client left; returns its worker (None: not booked)."""
@@ -93,6 +93,7 @@ class RequestBook:
         request = self._requests.pop(request_id, None)
         if request is not None and request.worker in self.load:
             self.load[request.worker] -= request.cost
+            self._count[request.worker] -= 1
 
     def take_lost(self, workers: set[int]) -> tuple[list[Continuation], list[str]]:
         """Remove the requests of lost `workers` (and the workers): continuations for those that can continue
@@ -111,4 +112,5 @@ class RequestBook:
                 lost.append(request_id)
         for w in workers:
             self.load.pop(w, None)
+            self._count.pop(w, None)
         return continuations, lost

@@ -131,3 +131,19 @@ def test_refit_copies_local_experts_and_reads_only_missing_ones(tiny, packed):
     assert same is grown and loaded == 0                                   # every expert already on the rank
     for k, t in make(0, 1, back).state_dict().items():
         assert torch.equal(same.state_dict()[k], t), k
+
+
+def test_request_book_counts_requests_per_worker_as_they_come_and_go():
+    book = RequestBook()
+    for w in (0, 1, 2):
+        book.add_worker(w)
+    greedy = SamplingParams(temperature=0.0, max_tokens=4)
+    for i, w in enumerate((0, 1, 1, 2, 2, 2)):
+        book.add(f"r{i}", [i], greedy, (), worker=w)
+    assert book.requests_on([0, 1, 2]) == {0: 1, 1: 2, 2: 3}
+    book.add("r1", [9], greedy, (), worker=2)                               # booked again elsewhere: moves
+    book.on_outputs([TokenOutput("r3", 0, [5], [], 1, finished=True)])      # finished: leaves
+    book.release("r0")
+    book.take_lost({2})                                                     # a lost worker's requests leave
+    assert book.requests_on([0, 1, 2]) == {0: 0, 1: 1, 2: 0}
+    assert book.load[1] == 1 + 4 and book.load[0] == 0

@@ -26,6 +26,7 @@ from cluster.process_group import abort_ep_group, control_group, destroy_ep_grou
 from cluster.rank_regroup import RankRegroup, guard_commit
 from cluster.rank_loop import RankLoop
 from engine.engine import EngineConfig, LLMEngine
+from engine.prefix_summary import prefix_report
 from engine.token_output import TokenOutput
 from model.config import ModelConfig
 from model.loader import expert_factory, load_model, packed_experts_chosen
@@ -234,6 +235,11 @@ class EPWorker(RankRegroup):
         used = {g: bm.num_total_blocks(g) - bm.num_free_blocks(g) for g in bm.config.groups}
         return {"rank": self.rank, "kv_usage": bm.usage(), "blocks_used": used, "num_running": sched.num_running,
                 "num_waiting": sched.num_waiting, "num_preemptions": sched.num_preemptions}
+
+    def prefix_report(self):
+        """What this rank's prefix cache holds, for the replica's cache-aware routing: engine/prefix_summary's
+        (summary, prompt tokens queried, of which hit)."""
+        return prefix_report(self.engine)
 
     def num_expert_params(self) -> int:
         """Expert values this rank stores (parameters and buffers; packed bytes count as stored)."""

@@ -20,7 +20,7 @@ from deploy.routing_metrics import RoutingMetrics
 from deploy.token_channel import ChannelSender
 from deploy.tokenizer import Tokenizer, model_stop_ids
 from engine.engine import EngineConfig
-from engine.prefix_summary import PrefixSummary, prefix_report
+from engine.prefix_summary import PrefixSummary
 from engine.token_output import TokenOutput
 from monitoring.recorders import EngineMetrics, ExpertMetrics, current_replica_id
 
@@ -123,7 +123,7 @@ class ModelServer:
     async def record_routing_stats(self) -> dict:
         """Serve's routing stats, read by deploy/prefix_router.py: what the ranks' prefix caches hold (merged; none
         without prefix caching), and requests in flight. Also records the ranks' prefix-cache query/hit counters."""
-        reports = await asyncio.gather(*(w.__ray_call__.remote(prefix_report) for w in self.engine.group.workers),
+        reports = await asyncio.gather(*(w.prefix_report.remote() for w in self.engine.group.workers),
                                        return_exceptions=True)
         summaries = []
         for rank, report in enumerate(reports):

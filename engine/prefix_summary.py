@@ -83,8 +83,8 @@ def summarize(cache: PrefixCache | None, max_keys: int = DEFAULT_MAX_KEYS) -> Pr
 
 
 def prefix_report(holder, max_keys: int = DEFAULT_MAX_KEYS) -> tuple[PrefixSummary | None, int, int]:
-    """(summary, prompt tokens queried, of which hit) of an engine or of an EP rank actor holding one (`.engine`);
-    run inside a rank with `actor.__ray_call__.remote(prefix_report)`."""
+    """(summary, prompt tokens queried, of which hit) of an engine, or of anything holding one as `.engine`; an EP
+    rank answers it as EPWorker.prefix_report."""
     engine = getattr(holder, "engine", holder)
     cache = getattr(getattr(engine, "block_manager", None), "prefix_cache", None)
     if cache is None:

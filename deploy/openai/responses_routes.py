@@ -57,14 +57,14 @@ async def retrieve_response(request: Request, response_id: str) -> Response:
             raise BadRequestError(f"stream and starting_after replay a background response's events; "
                                   f"{NO_BACKGROUND}.", param="stream")
         _check_include(request)
-        record = await _stored(ctx, response_id, request_owner(request, ctx))
+        record = await _stored(request, ctx, response_id)
         return Response(json.dumps(record.response), media_type="application/json")
     return served_by(await _guard(request, handle))
 
 
 async def delete_response(request: Request, response_id: str) -> Response:
     async def handle(ctx: ServingContext) -> Response:
-        await _stored(ctx, response_id, request_owner(request, ctx))       # 404 unless the caller's
+        await _stored(request, ctx, response_id)                # 404 unless the caller's
         if not await ctx.response_store.remove(response_id):
             raise response_not_found_error(response_id)
         return _json(DeletedResponse(id=response_id))
@@ -78,14 +78,14 @@ async def list_input_items(request: Request, response_id: str) -> Response:
         if order not in ("asc", "desc"):
             raise BadRequestError(f"order must be 'asc' or 'desc', got {order!r}", param="order")
         _check_include(request)
-        items = (await _stored(ctx, response_id, request_owner(request, ctx))).input_items
+        items = (await _stored(request, ctx, response_id)).input_items
         return _json(page(items if order == "asc" else items[::-1], limit, query.get("after"), query.get("before")))
     return served_by(await _guard(request, handle))
 
 
 async def cancel_response(request: Request, response_id: str) -> Response:
     async def handle(ctx: ServingContext) -> Response:
-        await _stored(ctx, response_id, request_owner(request, ctx))
+        await _stored(request, ctx, response_id)
         raise BadRequestError(f"Only responses created with background=true can be cancelled; {NO_BACKGROUND}.")
     return served_by(await _guard(request, handle))
 
@@ -124,8 +124,9 @@ def _check_include(request: Request) -> None:
         raise BadRequestError(f"include={include!r} is not supported: stored items are returned whole", param="include")
 
 
-async def _stored(ctx: ServingContext, response_id: str, owner: str | None) -> StoredResponse:
-    """The stored response, if the caller (`owner`: routes.request_owner) may see it; else OpenAI's 404."""
+async def _stored(request: Request, ctx: ServingContext, response_id: str) -> StoredResponse:
+    """The stored response, if the caller's API key may see it (routes.request_owner); else OpenAI's 404."""
+    owner = request_owner(request, ctx)
     record = None if ctx.response_store is None else await ctx.response_store.load(response_id, owner)
     if record is None:
         raise response_not_found_error(response_id)

@@ -185,18 +185,21 @@ def parse_request(schema: type[BaseModel], body: dict, ctx: ServingContext):
 def request_owner(request: Request, ctx: ServingContext) -> str | None:
     """Whose stored responses this request may see: its (already authenticated) API key's digest; None when the
     server has no API keys."""
-    if not ctx.api_keys:
-        return None
-    return key_owner(request.headers.get("authorization", "").partition(" ")[2].strip())
+    return key_owner(_bearer(request)[1]) if ctx.api_keys else None
+
+
+def _bearer(request: Request) -> tuple[str, str]:
+    """(scheme, key) of the Authorization header."""
+    scheme, _, key = request.headers.get("authorization", "").partition(" ")
+    return scheme, key.strip()
 
 
 def _authenticate(request: Request, ctx: ServingContext) -> None:
     if not ctx.api_keys:
         return
-    scheme, _, key = request.headers.get("authorization", "").partition(" ")
-    key = key.strip().encode()
+    scheme, key = _bearer(request)
     # compare_digest against every key: the time taken does not tell how much of a guess was right
-    if scheme.lower() != "bearer" or not any([hmac.compare_digest(key, k.encode()) for k in ctx.api_keys]):
+    if scheme.lower() != "bearer" or not any([hmac.compare_digest(key.encode(), k.encode()) for k in ctx.api_keys]):
         raise invalid_api_key_error()
 
 

@@ -82,10 +82,9 @@ def summarize(cache: PrefixCache | None, max_keys: int = DEFAULT_MAX_KEYS) -> Pr
                          time.time())
 
 
-def prefix_report(holder, max_keys: int = DEFAULT_MAX_KEYS) -> tuple[PrefixSummary | None, int, int]:
-    """(summary, prompt tokens queried, of which hit) of an engine, or of anything holding one as `.engine`; an EP
-    rank answers it as EPWorker.prefix_report."""
-    engine = getattr(holder, "engine", holder)
+def prefix_report(engine, max_keys: int = DEFAULT_MAX_KEYS) -> tuple[PrefixSummary | None, int, int]:
+    """(summary, prompt tokens queried, of which hit) of an engine's prefix cache; an EP rank answers it as
+    EPWorker.prefix_report."""
     cache = getattr(getattr(engine, "block_manager", None), "prefix_cache", None)
     if cache is None:
         return None, 0, 0

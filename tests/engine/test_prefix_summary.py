@@ -52,4 +52,4 @@ def test_evicted_blocks_leave_the_summary():
 
 def test_report_without_prefix_caching():
     bm = BlockManager(CacheConfig(block_size=4, num_full_blocks=16))
-    assert prefix_report(type("Rank", (), {"engine": type("E", (), {"block_manager": bm})()})()) == (None, 0, 0)
+    assert prefix_report(type("Engine", (), {"block_manager": bm})()) == (None, 0, 0)
